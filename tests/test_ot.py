@@ -1,0 +1,375 @@
+"""Tests of ot.py: math properties, POT as an independent reference, the reference code's exp-domain
+form, hard inputs, and scope="batch" across two gloo processes.
+
+POT is imported as `ot` too, so it runs in a subprocess started outside the repository root (our
+ot.py would shadow it here)."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ot as sense_ot
+from ot import ot_pseudo_labels, sinkhorn, soft_cross_entropy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def random_log_p(B, K, N, scale=2.0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, K, N, generator=g, dtype=torch.float64) * scale).log_softmax(1).to(dtype)
+
+
+def segmentation_like(K, N, present, seed):
+    """Log-probabilities where most pixels are confident (p_max > 0.9) in one of a few present classes
+    and every other class stays below p = 0.001 (clear of the reference's underflow boundary, where
+    float32 denormals decide whether a class takes part)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randperm(K, generator=g)[:present]
+    label = classes[torch.randint(present, (N,), generator=g)]  # (N,)
+    logits = torch.randn(K, N, generator=g)
+    logits[label, torch.arange(N)] += 13.0 + 4.0 * torch.rand(N, generator=g)
+    mixed = torch.rand(N, generator=g) < 0.1  # a few ambiguous pixels between two present classes
+    other = classes[torch.randint(present, (N,), generator=g)]
+    logits[other[mixed], torch.arange(N)[mixed]] += 13.0
+    return logits.log_softmax(0)[None]  # (1, K, N)
+
+
+# ---------------------------------------------------------------------------------------------------
+# POT in a subprocess
+
+POT_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import ot  # POT: this process runs outside the repository root
+    assert "site-packages" in ot.__file__ or "dist-packages" in ot.__file__, ot.__file__
+    data = np.load(sys.argv[1])
+    out = {}
+    for name in json.loads(data["names"].tobytes().decode()):
+        s, b, beta, solver = data[name + "_s"], data[name + "_b"], float(data[name + "_beta"]), str(data[name + "_solver"])
+        a = np.full(s.shape[0], 1.0 / s.shape[0])
+        fn = ot.sinkhorn if solver == "sinkhorn" else ot.bregman.sinkhorn_log
+        out[name] = fn(a, b, -s, beta, numItermax=100000, stopThr=1e-11)
+    np.savez(sys.argv[2], **out)
+    """
+)
+
+
+def pot_plans(problems: dict, tmp_path: Path) -> dict:
+    """problems: name -> (s (N, K) float64, b (K,), beta, solver). Returns name -> POT plan (N, K)."""
+    arrays = {"names": np.frombuffer(json.dumps(list(problems)).encode(), dtype=np.uint8)}
+    for name, (s, b, beta, solver) in problems.items():
+        arrays.update({name + "_s": s, name + "_b": b, name + "_beta": beta, name + "_solver": solver})
+    np.savez(tmp_path / "in.npz", **arrays)
+    (tmp_path / "pot_run.py").write_text(POT_SCRIPT)
+    subprocess.run([sys.executable, "pot_run.py", "in.npz", "out.npz"], cwd=tmp_path, env=clean_env(), check=True)
+    out = np.load(tmp_path / "out.npz")
+    return {name: out[name] for name in problems}
+
+
+def test_pot_is_not_shadowed_here():
+    assert Path(sense_ot.__file__).resolve() == ROOT / "ot.py"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_converged_plans_match_pot(tmp_path, dtype):
+    torch.manual_seed(0)
+    problems, ours = {}, {}
+    cases = [(K, beta, marg) for K in (5, 19, 150, 171) for beta, marg in ((0.1, "uniform"), (1.0, "uniform"), (0.3, "user"))]
+    for i, (K, beta, marg) in enumerate(cases):
+        N = 64
+        log_p = random_log_p(1, K, N, scale=1.5, seed=i, dtype=dtype)
+        if marg == "uniform":
+            b = torch.full((K,), 1.0 / K, dtype=torch.float64)
+        else:
+            b = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64) * 2).sample()
+        tol = 1e-7 if dtype == torch.float32 else 1e-12
+        plan, stats = sinkhorn(log_p, beta=beta, iters=20000, tol=tol, class_marginal=b.to(dtype))
+        assert stats["marginal_error"] < (1e-5 if dtype == torch.float32 else 1e-9), (K, beta, marg, stats)
+        solver = "sinkhorn" if i % 2 == 0 else "sinkhorn_log"
+        name = f"p{i}"
+        problems[name] = (log_p[0].T.double().numpy(), b.numpy(), beta, solver)
+        ours[name] = plan[0].T.double().numpy()  # (N, K), rows sum to 1
+    ref = pot_plans(problems, tmp_path)
+    for name, plan in ours.items():
+        ref_rows = ref[name] * ref[name].shape[0]  # POT rows sum to a_n = 1/N
+        assert np.abs(plan - ref_rows).max() < 1e-5, name
+
+
+def test_marginal_error_after_convergence():
+    for dtype, bound in ((torch.float32, 1e-5), (torch.float64, 1e-9)):
+        log_p = random_log_p(3, 19, 400, scale=3.0, dtype=dtype)
+        plan, stats = sinkhorn(log_p, beta=0.3, iters=50000, tol=bound / 10)
+        assert stats["marginal_error"] < bound
+        col = plan.double().mean(2)  # (B, K): class marginal of the plan with a_n = 1/N
+        assert (col - 1 / 19).abs().sum(1).max() < bound
+        assert plan.dtype == dtype
+
+
+def test_per_pixel_constant_leaves_plan_unchanged():
+    log_p = random_log_p(2, 19, 300, scale=3.0)
+    shift = torch.randn(2, 1, 300) * 20
+    for iters, marginal in ((3, "uniform"), (3, "present"), (100, "uniform")):
+        p1, _ = sinkhorn(log_p, iters=iters, class_marginal=marginal)
+        p2, _ = sinkhorn(log_p + shift, iters=iters, class_marginal=marginal)
+        assert (p1 - p2).abs().max() < 1e-5
+
+
+def test_scope_image_equals_each_image_alone():
+    log_p = random_log_p(4, 19, 16 * 16).reshape(4, 19, 16, 16)
+    valid = torch.rand(4, 16, 16) > 0.2
+    plan, _ = sinkhorn(log_p, valid, class_marginal="present")
+    for i in range(4):
+        alone, _ = sinkhorn(log_p[i : i + 1], valid[i : i + 1], class_marginal="present")
+        assert torch.allclose(plan[i : i + 1], alone, atol=1e-6)
+
+
+def test_scope_batch_is_one_problem_over_the_batch():
+    log_p = random_log_p(3, 7, 50)
+    plan, _ = sinkhorn(log_p, scope="batch", iters=4)
+    joined, _ = sinkhorn(log_p.permute(1, 0, 2).reshape(1, 7, 150), iters=4)
+    assert torch.allclose(plan.permute(1, 0, 2).reshape(1, 7, 150), joined, atol=1e-6)
+
+
+def test_worked_example_from_docstring():
+    p = torch.tensor([[0.9, 0.1], [0.6, 0.4]]).T[None]  # (B=1, K=2, N=2)
+    plan, _ = sinkhorn(p.log(), beta=1.0, iters=1000, tol=1e-9)
+    x = math.sqrt(6) / (1 + math.sqrt(6))
+    expected = torch.tensor([[x, 1 - x], [1 - x, x]]).T[None]
+    assert torch.allclose(plan, expected, atol=1e-5)
+    assert abs(x - 0.7101) < 1e-4  # the number printed in the docstring
+
+
+def test_valid_mask_and_row_sums():
+    log_p = random_log_p(2, 5, 64).reshape(2, 5, 8, 8)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[:, :2] = False
+    plan, stats = sinkhorn(log_p, valid)
+    assert stats["invalid"] == 32 and stats["nonfinite"] == 0
+    assert (plan[:, :, :2] == 0).all()
+    assert torch.allclose(plan.sum(1)[valid], torch.ones(int(valid.sum())), atol=1e-5)
+    # padded pixels do not enter the marginals: the plan on valid pixels equals solving them alone
+    alone, _ = sinkhorn(log_p[:, :, 2:].contiguous())
+    assert torch.allclose(plan[:, :, 2:], alone, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference code's exp-domain float32 form, transcribed for comparison
+
+
+def reference_exp_domain(log_p: torch.Tensor, tau: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """log_p (B, K, N) float32 -> (B, K, N): Q = exp(s/τ)^T over all pixels of the batch, divided by
+    its total, then `iters` x [class rows / sum (0 -> 1e-5) / K; pixel columns / sum (0 -> 1e-5) / N]."""
+    B, K, N = log_p.shape
+    Q = torch.exp(log_p.permute(1, 0, 2).reshape(K, B * N).float() / tau)  # (K, B*N)
+    Q /= Q.sum()
+    for _ in range(iters):
+        rows = Q.sum(1, keepdim=True)
+        rows[rows == 0] = 1e-5
+        Q /= rows
+        Q /= K
+        cols = Q.sum(0, keepdim=True)
+        cols[cols == 0] = 1e-5
+        Q /= cols
+        Q /= B * N
+    return (Q * B * N).reshape(K, B, N).permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("K", [19, 150])
+def test_present_reproduces_reference_code(K):
+    log_p = torch.cat([segmentation_like(K, 900, present=5, seed=K + i) for i in range(3)])  # (3, K, 900)
+    ref = reference_exp_domain(log_p)
+    plan, _ = sinkhorn(log_p, beta=0.05, iters=3, class_marginal="present", scope="batch")
+    gated = log_p.amax(1).exp() >= 0.95  # (3, 900)
+    assert gated.float().mean() > 0.7
+    assert (plan - ref).abs().amax(1)[gated].max() < 1e-3
+
+
+def test_reference_form_underflows_where_ours_does_not():
+    # Near-uniform pixels with K = 1000: p^20 = 1e-60 is 0 in float32, so the exp-domain form gives
+    # those pixels no mass at all; ours gives each a distribution.
+    K = 1000
+    flat = torch.randn(1, K, 10).mul(0.01).log_softmax(1)
+    both = torch.cat([segmentation_like(K, 10, present=3, seed=0), flat], 0)  # (2, K, 10)
+    assert reference_exp_domain(both)[1].sum(0).max() == 0
+    ours, _ = sinkhorn(both, class_marginal="present", scope="batch")
+    assert torch.isfinite(ours).all() and torch.allclose(ours.sum(1), torch.ones(2, 10), atol=1e-5)
+
+
+def test_present_marginal_ignores_absent_classes():
+    log_p = segmentation_like(19, 500, present=3, seed=1)
+    plan, _ = sinkhorn(log_p, beta=2.0, class_marginal="present", iters=2000, tol=1e-7)
+    mass = plan.mean(2)[0]  # (K,)
+    present = log_p.amax(2)[0].exp() >= 0.01
+    assert mass[~present].max() < 1e-6
+    assert torch.allclose(mass[present], torch.full((int(present.sum()),), 1 / int(present.sum())), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hard inputs: none may give NaN or Inf
+
+
+def assert_sane(plan, valid_rows=None):
+    assert torch.isfinite(plan).all()
+    sums = plan.sum(1)
+    if valid_rows is not None:
+        assert torch.allclose(sums[valid_rows], torch.ones_like(sums[valid_rows]), atol=1e-4)
+        assert (sums[~valid_rows] == 0).all()
+
+
+@pytest.mark.parametrize("K", [2, 19, 150, 171, 1000])
+@pytest.mark.parametrize("marginal", ["uniform", "present"])
+def test_hard_inputs_many_classes(K, marginal):
+    cases = {
+        "segmentation": segmentation_like(K, 300, present=2, seed=K),
+        "near_uniform": torch.randn(1, K, 300).mul(1e-4).log_softmax(1),
+        "one_minus_1e-7": torch.full((1, K, 300), math.log(1e-7 / max(K - 1, 1))).index_fill_(1, torch.tensor([0]), math.log1p(-1e-7)),
+        "one_pixel": torch.randn(1, K, 1).log_softmax(1),
+    }
+    for name, log_p in cases.items():
+        for iters in (3, 300):
+            plan, stats = sinkhorn(log_p, iters=iters, class_marginal=marginal)
+            assert_sane(plan, torch.ones(plan.shape[0], plan.shape[2], dtype=torch.bool))
+            assert math.isfinite(stats["marginal_error"]), name
+
+
+def test_all_pixels_invalid_and_empty_problems():
+    log_p = random_log_p(2, 19, 64)
+    for scope in ("image", "batch"):
+        plan, stats = sinkhorn(log_p, torch.zeros(2, 64, dtype=torch.bool), scope=scope, class_marginal="present")
+        assert (plan == 0).all() and stats["invalid"] == 128
+    valid = torch.zeros(2, 64, dtype=torch.bool)
+    valid[1] = True  # image 0 has no valid pixel, image 1 is fine
+    plan, _ = sinkhorn(log_p, valid)
+    assert (plan[0] == 0).all()
+    assert_sane(plan, valid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    log_p = random_log_p(2, 150, 256, scale=4.0)
+    plan, _ = sinkhorn(log_p.to(dtype), class_marginal="present")
+    assert plan.dtype == torch.float32
+    assert_sane(plan, torch.ones(2, 256, dtype=torch.bool))
+    ref, _ = sinkhorn(log_p.to(dtype).float(), class_marginal="present")
+    assert torch.allclose(plan, ref, atol=1e-6)
+
+
+def test_non_finite_entries_make_pixels_invalid():
+    log_p = random_log_p(1, 19, 100)
+    log_p[0, 3, 10] = float("nan")
+    log_p[0, 0, 20] = float("inf")
+    log_p[0, 5, 30] = -float("inf")
+    plan, stats = sinkhorn(log_p, iters=50)
+    assert stats["nonfinite"] == 3 and stats["invalid"] == 3
+    rows = torch.ones(1, 100, dtype=torch.bool)
+    rows[0, [10, 20, 30]] = False
+    assert_sane(plan, rows)
+    targets, gate, _ = ot_pseudo_labels(log_p * 10)
+    assert not gate[0, [10, 20, 30]].any() and torch.isfinite(targets).all()
+
+
+def test_extreme_logits_converge_without_overflow():
+    # Logits spanning thousands: the converged uniform plan must move mass to classes whose kernel
+    # entries are far below float32's range, which needs the log-domain fallback.
+    logits = torch.zeros(1, 4, 40)
+    logits[0, 0] = 3000.0
+    logits[0, 1, :20] = 1500.0
+    plan, stats = sinkhorn(logits.log_softmax(1), iters=5000, tol=1e-6)
+    assert_sane(plan, torch.ones(1, 40, dtype=torch.bool))
+    assert stats["marginal_error"] < 1e-5
+    assert torch.allclose(plan.mean(2), torch.full((1, 4), 0.25), atol=1e-5)
+
+
+def test_bad_arguments_raise_clear_errors():
+    log_p = random_log_p(2, 5, 16)
+    with pytest.raises(ValueError, match="scope"):
+        sinkhorn(log_p, scope="global")
+    with pytest.raises(ValueError, match="class_marginal"):
+        sinkhorn(log_p, class_marginal="balanced")
+    with pytest.raises(ValueError, match="class_marginal"):
+        sinkhorn(log_p, class_marginal=torch.ones(4))
+    with pytest.raises(ValueError, match="valid"):
+        sinkhorn(log_p, torch.ones(2, 15, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gate and loss
+
+
+def test_ot_pseudo_labels_gate_and_targets():
+    logits = torch.randn(2, 19, 12, 12) * 6
+    valid = torch.rand(2, 12, 12) > 0.1
+    targets, gate, stats = ot_pseudo_labels(logits, valid, conf_thresh=0.9, class_marginal="present")
+    conf = logits.softmax(1).amax(1)
+    assert torch.equal(gate, (conf >= 0.9) & valid)
+    assert abs(stats["mask_ratio"] - gate.float().mean().item()) < 1e-7
+    assert_sane(targets.flatten(2), valid.flatten(1))
+
+
+def test_soft_cross_entropy():
+    student = torch.randn(2, 5, 4, 4, requires_grad=True)
+    targets = torch.softmax(torch.randn(2, 5, 4, 4), 1)
+    gate = torch.rand(2, 4, 4) > 0.5
+    loss = soft_cross_entropy(student, targets, gate)
+    expected = -(targets * student.log_softmax(1)).sum(1)[gate].mean()
+    assert torch.allclose(loss, expected)
+    # hard one-hot targets reduce to F.cross_entropy over the gated pixels
+    label = targets.argmax(1)
+    hard = torch.nn.functional.one_hot(label, 5).permute(0, 3, 1, 2).float()
+    ce = torch.nn.functional.cross_entropy(student, label.masked_fill(~gate, 255), ignore_index=255)
+    assert torch.allclose(soft_cross_entropy(student, hard, gate), ce, atol=1e-6)
+    # nothing gated: exactly 0, and backward still works
+    zero = soft_cross_entropy(student, targets, torch.zeros_like(gate))
+    zero.backward()
+    assert zero.item() == 0 and student.grad is not None and (student.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distributed: scope="batch" across two gloo ranks equals one process solving the joined batch
+
+DIST_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    sys.path.insert(0, sys.argv[3])
+    from ot import sinkhorn
+    rank, store = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    log_p = (torch.randn(4, 19, 300, generator=g) * 3).log_softmax(1)
+    valid = torch.rand(4, 300, generator=g) > 0.3
+    mine = slice(2 * rank, 2 * rank + 2)
+    for marginal in ("present", "uniform"):
+        plan, stats = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal=marginal, iters=5)
+        torch.save(plan, f"{store}.{marginal}.{rank}.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_batch_scope_across_two_gloo_ranks(tmp_path):
+    store = str(tmp_path / "store")
+    script = tmp_path / "worker.py"
+    script.write_text(DIST_SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), store, str(ROOT)], env=clean_env()) for r in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    g = torch.Generator().manual_seed(0)
+    log_p = (torch.randn(4, 19, 300, generator=g) * 3).log_softmax(1)
+    valid = torch.rand(4, 300, generator=g) > 0.3
+    for marginal in ("present", "uniform"):
+        joined, _ = sinkhorn(log_p, valid, scope="batch", class_marginal=marginal, iters=5)
+        parts = [torch.load(f"{store}.{marginal}.{r}.pt", weights_only=True) for r in range(2)]
+        assert torch.allclose(torch.cat(parts), joined, atol=1e-6)
