@@ -1,0 +1,1323 @@
+"""Datasets, split files, the toy world and the weak/strong augmentation of SENSE.
+
+Paper: §3 (real labelled images + unlabelled synthetic images trained together; weak view for the EMA teacher,
+strong view + CutMix for the student) and §4.1 (sparse/dense scenes, coarse/fine fidelity). Recipe and data
+conventions: DESIGN.md §2.3 and §3.
+
+    python data.py toy --root data/toy --preview toy.png      # CPU, a few seconds: the toy world and a picture
+    python data.py check --dataset cityscapes --root data/cityscapes --split val
+    python data.py prepare-coco --root data/coco               # masks/<id>.png from the instance annotations
+
+Datasets on disk (split files `<root>/<split>.txt`, one `image [label]` per line, relative to the root; made from
+the standard layout when absent):
+    cityscapes  leftImg8bit/{train,val}/<city>/*_leftImg8bit.png, gtFine/.../*_gtFine_label{TrainIds,Ids}.png
+    ade20k      ADEChallengeData2016/{images,annotations}/{training,validation}/ADE_*.{jpg,png}
+    coco        {train,val}2017/<id>.jpg, masks/<id>.png (python data.py prepare-coco)
+    toy         images/, labels/, synthetic/<split>/, synthetic_truth/<split>/ (python data.py toy)
+
+Shapes: H×W image, c×c crop (c = --crop-size, a multiple of the patch size). Arrays read from disk are uint8:
+images (H, W, 3) RGB, labels (H, W) train ids. Dataset items are torch tensors: images (3, c, c) float32
+ImageNet-normalised, labels (c, c) int64. Label value 255 = ignore everywhere, padding included.
+"""
+import argparse
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from tqdm import tqdm
+
+IGNORE_INDEX = 255  # label never trained on or scored: void classes, crowd regions, padding (all three datasets)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the DINOv2/DINOv3 backbones were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SCALE_RANGE = (0.5, 2.0)  # random rescale factor of the long side (SENSE / UniMatch reference code)
+FLIP_P = 0.5  # horizontal flip probability (reference code)
+JITTER = (0.5, 0.5, 0.5, 0.25)  # strong view: brightness, contrast, saturation, hue strengths (reference code)
+JITTER_P = 0.8  # probability of applying the colour jitter (reference code)
+GRAYSCALE_P = 0.2  # strong view grayscale probability (reference code)
+BLUR_SIGMA = (0.1, 2.0)  # strong view Gaussian blur σ range in pixels (reference code)
+BLUR_P = 0.5  # strong view blur probability (reference code)
+CUTMIX_P = 0.5  # probability that a synthetic sample carries a CutMix box (reference code)
+CUTMIX_AREA = (0.02, 0.4)  # box area as a fraction of the crop (reference code)
+CUTMIX_ASPECT = (0.3, 1 / 0.3)  # box height / width (reference code)
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, what PIL's convert("L") and torchvision's grayscale use
+COLOUR_TABLE_SIZE = 17  # lattice points per axis of the 3-D table that applies jitter + grayscale in one pass
+QUICK_SAMPLES = 8  # images fully decoded by check_dataset(quick=True); the others are only checked to exist
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class names and palettes (the ecosystem's usual ones: mmsegmentation / detectron2 order)
+
+CITYSCAPES_CLASSES = (
+    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign', 'vegetation',
+    'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle', 'bicycle',
+)
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
+ADE20K_CLASSES = (
+    'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
+    'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
+    'painting', 'sofa', 'shelf', 'house', 'sea', 'mirror', 'rug', 'field', 'armchair', 'seat', 'fence', 'desk',
+    'rock', 'wardrobe', 'lamp', 'bathtub', 'railing', 'cushion', 'base', 'box', 'column', 'signboard',
+    'chest of drawers', 'counter', 'sand', 'sink', 'skyscraper', 'fireplace', 'refrigerator', 'grandstand',
+    'path', 'stairs', 'runway', 'case', 'pool table', 'pillow', 'screen door', 'stairway', 'river', 'bridge',
+    'bookcase', 'blind', 'coffee table', 'toilet', 'flower', 'book', 'hill', 'bench', 'countertop', 'stove',
+    'palm', 'kitchen island', 'computer', 'swivel chair', 'boat', 'bar', 'arcade machine', 'hovel', 'bus',
+    'towel', 'light', 'truck', 'tower', 'chandelier', 'awning', 'streetlight', 'booth', 'television receiver',
+    'airplane', 'dirt track', 'apparel', 'pole', 'land', 'bannister', 'escalator', 'ottoman', 'bottle',
+    'buffet', 'poster', 'stage', 'van', 'ship', 'fountain', 'conveyer belt', 'canopy', 'washer', 'plaything',
+    'swimming pool', 'stool', 'barrel', 'basket', 'waterfall', 'tent', 'bag', 'minibike', 'cradle', 'oven',
+    'ball', 'food', 'step', 'tank', 'trade name', 'microwave', 'pot', 'animal', 'bicycle', 'lake', 'dishwasher',
+    'screen', 'blanket', 'sculpture', 'hood', 'sconce', 'vase', 'traffic light', 'tray', 'ashcan', 'fan',
+    'pier', 'crt screen', 'plate', 'monitor', 'bulletin board', 'shower', 'radiator', 'glass', 'clock', 'flag',
+)
+ADE20K_PALETTE = (
+    (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70),
+    (8, 255, 51), (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200),
+    (61, 230, 250), (255, 6, 51), (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220),
+    (255, 9, 92), (112, 9, 255), (8, 255, 214), (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10),
+    (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6), (255, 194, 7), (255, 122, 8), (0, 255, 20),
+    (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20), (0, 163, 255), (140, 140, 140),
+    (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0), (0, 0, 255),
+    (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245),
+    (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0),
+    (0, 143, 255), (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0),
+    (0, 255, 153), (255, 92, 0), (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20),
+    (255, 184, 184), (0, 31, 255), (0, 255, 61), (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82),
+    (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255), (0, 122, 255), (0, 255, 163), (255, 153, 0),
+    (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0), (255, 235, 0), (8, 184, 170),
+    (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255), (255, 0, 112),
+    (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0),
+    (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255),
+    (255, 0, 122), (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0),
+    (0, 153, 255), (0, 41, 255), (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255),
+    (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
+    (25, 194, 194), (102, 255, 0), (92, 0, 255),
+)
+COCO_CLASSES = (
+    'background', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
+    'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse',
+    'sheep', 'cow', 'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag', 'tie',
+    'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove',
+    'skateboard', 'surfboard', 'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl',
+    'banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair',
+    'couch', 'potted plant', 'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
+    'teddy bear', 'hair drier', 'toothbrush',
+)
+COCO_CATEGORY_IDS = (
+    0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+    33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60,
+    61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+)
+# Official labelIds -> trainIds (cityscapesScripts helpers/labels.py); every id not listed is void -> ignore.
+CITYSCAPES_ID_TO_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
+    28: 15, 31: 16, 32: 17, 33: 18,
+}
+TOY_CLASSES = ("sky", "grass", "road", "ball", "crate", "cone", "sign")  # 3 stuff classes, then 4 thing classes
+TOY_PALETTE = ((70, 130, 180), (107, 142, 35), (128, 64, 128), (220, 20, 60), (160, 110, 50), (250, 170, 30),
+               (0, 0, 142))
+TOY_NUM_STUFF = 3
+
+
+def _bit_palette(num_colours: int) -> tuple[tuple[int, int, int], ...]:
+    """Distinct colours from the bits of the class index spread over R, G, B (the PASCAL VOC colour map)."""
+    colours = []
+    for index in range(num_colours):
+        red = green = blue = 0
+        bits = index
+        for shift in range(7, -1, -1):
+            red |= (bits & 1) << shift
+            green |= ((bits >> 1) & 1) << shift
+            blue |= ((bits >> 2) & 1) << shift
+            bits >>= 3
+        colours.append((red, green, blue))
+    return tuple(colours)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: class names, their colours, and how raw label files become train ids.
+
+    Attributes:
+        name: registry key.
+        classes: K class names in train-id order.
+        palette: K RGB colours for pictures.
+        num_classes: K.
+        reduce_zero_label: raw 0 -> ignore, raw k -> k - 1 (ADE20K's "other" label).
+        category_ids: original COCO category id of each class (COCO only; 0 = background).
+    """
+    name: str
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    num_classes: int
+    reduce_zero_label: bool = False
+    category_ids: tuple[int, ...] = ()
+
+
+DATASETS = {
+    "toy": DatasetSpec("toy", TOY_CLASSES, TOY_PALETTE, len(TOY_CLASSES)),
+    "cityscapes": DatasetSpec("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, len(CITYSCAPES_CLASSES)),
+    "ade20k": DatasetSpec("ade20k", ADE20K_CLASSES, ADE20K_PALETTE, len(ADE20K_CLASSES), reduce_zero_label=True),
+    # classes.json carries no COCO palette: the VOC bit map gives distinct colours and black background.
+    "coco": DatasetSpec("coco", COCO_CLASSES, _bit_palette(len(COCO_CLASSES)), len(COCO_CLASSES),
+                        category_ids=COCO_CATEGORY_IDS),
+}
+
+LAYOUTS = {  # what a root must look like, for error messages
+    "cityscapes": "leftImg8bit/{train,val}/<city>/*_leftImg8bit.png and gtFine/{train,val}/<city>/*_gtFine_labelIds.png",
+    "ade20k": "ADEChallengeData2016/images/{training,validation}/*.jpg and .../annotations/{training,validation}/*.png",
+    "coco": "{train,val}2017/*.jpg and masks/<id>.png (python data.py prepare-coco --root ROOT)",
+    "toy": "toy.json, images/, labels/ and split files (python data.py toy --root ROOT)",
+}
+ADE20K_FOLDERS = {"train": "training", "val": "validation"}
+
+
+class DataError(Exception):
+    """A dataset problem in one line: the file (or flag) at fault and what was expected."""
+
+
+def get_spec(dataset: str) -> DatasetSpec:
+    """The registry entry of a dataset name (DataError naming --dataset when unknown)."""
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset {dataset!r}: unknown, expected one of {', '.join(sorted(DATASETS))}")
+    return DATASETS[dataset]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading images, labels and split files
+
+def _lut(mapping: dict[int, int]) -> np.ndarray:
+    """(256,) uint8 table: raw value -> train id, IGNORE_INDEX for values not in the mapping."""
+    table = np.full(256, IGNORE_INDEX, np.uint8)
+    for raw, train_id in mapping.items():
+        table[raw] = train_id
+    return table
+
+
+CITYSCAPES_LUT = _lut(CITYSCAPES_ID_TO_TRAIN_ID)
+REDUCE_ZERO_LUT = _lut({raw: raw - 1 for raw in range(1, IGNORE_INDEX)})  # 0 ("other") and 255 stay ignore
+
+
+def _open_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB (DataError naming the file when missing or unreadable)."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: unreadable image ({error})") from None
+    # convert() copies even when nothing changes: skip it for RGB files (most of them)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _open_label(path: Path) -> Image.Image:
+    """Decode a label file as a one-band 8-bit ("L") image of raw label values."""
+    try:
+        label = Image.open(path)
+        label.load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: unreadable label ({error})") from None
+    if label.mode == "L":
+        return label
+    if label.mode == "P":  # the palette index is the class id (VOC-style masks); convert("L") would mix colours
+        return Image.fromarray(np.asarray(label))
+    if len(label.getbands()) != 1:
+        raise DataError(f"{path}: label must be a one-channel image of class ids, got mode {label.mode} "
+                        "(a colour visualisation such as *_gtFine_color.png?)")
+    values = np.asarray(label)
+    if values.min() < 0 or values.max() > 255:
+        raise DataError(f"{path}: label values {values.min()}..{values.max()} do not fit 8 bits (expected 0..255)")
+    return Image.fromarray(values.astype(np.uint8))
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file.
+
+    Args:
+        path: image file (any format PIL reads; converted to RGB).
+    Returns:
+        (H, W, 3) uint8 RGB array.
+    """
+    return np.array(_open_image(Path(path)))
+
+
+def _label_lut(spec: DatasetSpec, path: Path, reduce_zero_label: bool | None) -> np.ndarray | None:
+    """The raw -> train-id table for one label file, or None when the file already holds train ids."""
+    if spec.name == "cityscapes" and path.name.endswith("_labelIds.png"):
+        return CITYSCAPES_LUT
+    reduce = spec.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
+    return REDUCE_ZERO_LUT if reduce else None
+
+
+def _to_train_ids(label: Image.Image, spec: DatasetSpec, path: Path,
+                  reduce_zero_label: bool | None) -> tuple[Image.Image, list[int]]:
+    """Raw label values -> train ids ("L" image) and its 256-bin histogram, with the range check that keeps a wrong
+    encoding from training silently. PIL's point/histogram run in C: ~20× faster than numpy fancy indexing."""
+    table = _label_lut(spec, path, reduce_zero_label)
+    if table is not None:
+        label = label.point(table.tolist())
+    counts = label.histogram()
+    bad = [value for value in range(spec.num_classes, IGNORE_INDEX) if counts[value]]
+    if bad:
+        raise DataError(f"{path}: label values {bad[:6]} >= {spec.num_classes} classes of {spec.name} "
+                        f"(expected 0..{spec.num_classes - 1} or {IGNORE_INDEX}){_ENCODING_HINTS.get(spec.name, '')}")
+    return label, counts
+
+
+_ENCODING_HINTS = {
+    "cityscapes": "; is it a *_gtFine_labelIds.png saved under another name?",
+    "ade20k": "; raw ADEChallengeData2016 masks need the zero-label reduction (do not mark them as reduced)",
+}
+
+
+def load_label(dataset: str, path: str | Path, *, reduce_zero_label: bool | None = None) -> np.ndarray:
+    """Read a label file and convert it to train ids.
+
+    Args:
+        dataset: registry name; decides the conversion (Cityscapes *_labelIds.png -> trainIds, ADE20K 0 -> 255 and
+            k -> k-1, the others as stored).
+        path: label PNG.
+        reduce_zero_label: override the dataset's zero-label reduction (False for ADE20K masks already reduced).
+    Returns:
+        (H, W) uint8 train ids, 255 = ignore. DataError when a value is >= K and not 255.
+    """
+    path = Path(path)
+    return np.array(_to_train_ids(_open_label(path), get_spec(dataset), path, reduce_zero_label)[0])
+
+
+def split_path(dataset: str, root: str | Path, split: str) -> Path:
+    """Where a split file lives: `<root>/<split>.txt`, or `split` itself when it names a .txt file.
+
+    Args:
+        dataset: registry name (checked).
+        root: dataset root.
+        split: split name (train, val, synthetic_dense_fine, ...) or a path to a split file.
+    Returns:
+        Path of the split file.
+    """
+    get_spec(dataset)
+    return Path(split) if split.endswith(".txt") else Path(root) / f"{split}.txt"
+
+
+def read_split(path: str | Path) -> list[tuple[Path, Path | None]]:
+    """Read a split file: one sample per line, `image [label]`; blank lines and `#` comments are skipped.
+
+    Args:
+        path: split file; relative paths inside it resolve against its own directory, absolute ones stay.
+    Returns:
+        [(image path, label path or None)] in file order.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file not found") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: unreadable split file ({error})") from None
+    samples = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2:
+            raise DataError(f"{path}:{number}: expected 'image [label]', got {len(fields)} fields")
+        samples.append((path.parent / fields[0], path.parent / fields[1] if len(fields) == 2 else None))
+    return samples
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Run write(temporary path), then rename onto path, so readers never see half a file (DDP ranks race here)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    _atomic_write(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG", compress_level=1))
+
+
+def write_split(path: str | Path, samples: list[tuple[Path, Path | None]]) -> None:
+    """Write a split file, paths relative to its directory when they lie below it.
+
+    Args:
+        path: split file to write (atomically).
+        samples: [(image, label or None)].
+    """
+    path = Path(path)
+    base = path.parent.resolve()
+
+    def relative(file: Path) -> str:
+        file = file.resolve()
+        return (file.relative_to(base) if file.is_relative_to(base) else file).as_posix()
+
+    lines = [" ".join(relative(file) for file in sample if file is not None) for sample in samples]
+    _atomic_write(path, lambda temporary: temporary.write_text("\n".join(lines) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three real layouts
+
+def _cityscapes_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """leftImg8bit/<split>/<city>/X_leftImg8bit.png with gtFine/<split>/<city>/X_gtFine_labelTrainIds.png when
+    present (cityscapesScripts' createTrainIdLabelImgs), else X_gtFine_labelIds.png (mapped when read)."""
+    if not (root / "gtFine" / split).is_dir():
+        raise DataError(f"{root / 'gtFine' / split}: missing (expected gtFine/{split}/<city>/*_gtFine_labelIds.png)")
+    samples = []
+    for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
+        stem = image.name[: -len("_leftImg8bit.png")]
+        label_dir = root / "gtFine" / split / image.parent.name
+        candidates = [label_dir / f"{stem}_gtFine_labelTrainIds.png", label_dir / f"{stem}_gtFine_labelIds.png"]
+        label = next((file for file in candidates if file.is_file()), None)
+        if label is None:
+            raise DataError(f"{image}: no label, expected {candidates[1]} or {candidates[0].name}")
+        samples.append((image, label))
+    return samples
+
+
+def _ade20k_base(root: Path) -> Path:
+    """The ADEChallengeData2016 folder: the root itself or its child of that name."""
+    return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
+
+
+def _ade20k_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """images/<training|validation>/ADE_*.jpg with annotations/<same folder>/ADE_*.png."""
+    base, folder = _ade20k_base(root), ADE20K_FOLDERS[split]
+    samples = []
+    for image in sorted((base / "images" / folder).glob("*.jpg")):
+        label = base / "annotations" / folder / f"{image.stem}.png"
+        if not label.is_file():
+            raise DataError(f"{image}: no label, expected {label}")
+        samples.append((image, label))
+    return samples
+
+
+def _coco_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+    """<split>2017/<id>.jpg with masks/<id>.png rendered by prepare-coco."""
+    if not (root / "masks").is_dir():
+        raise DataError(f"{root / 'masks'}: COCO semantic masks missing; render them with "
+                        f"python data.py prepare-coco --root {root}")
+    samples = []
+    for image in sorted((root / f"{split}2017").glob("*.jpg")):
+        label = root / "masks" / f"{image.stem}.png"
+        if not label.is_file():
+            raise DataError(f"{image}: no mask, expected {label} (python data.py prepare-coco --root {root})")
+        samples.append((image, label))
+    return samples
+
+
+_LISTERS = {"cityscapes": _cityscapes_samples, "ade20k": _ade20k_samples, "coco": _coco_samples}
+
+
+def _image_dir(dataset: str, root: Path, split: str) -> Path:
+    if dataset == "cityscapes":
+        return root / "leftImg8bit" / split
+    if dataset == "ade20k":
+        return _ade20k_base(root) / "images" / ADE20K_FOLDERS[split]
+    return root / f"{split}2017"
+
+
+def prepare_root(dataset: str, root: str | Path) -> Path:
+    """Make a dataset root usable: the toy world is generated if absent; a real root has its layout checked and its
+    missing train/val split files written from the standard layout.
+
+    Args:
+        dataset: registry name.
+        root: dataset root.
+    Returns:
+        The root as a Path. DataError naming the folder when the layout is wrong.
+    """
+    spec, root = get_spec(dataset), Path(root)
+    if spec.name == "toy":
+        if not toy_world_exists(root):
+            make_toy_world(root)
+        return root
+    if not root.is_dir():
+        raise DataError(f"{root}: {dataset} root not found (expected {LAYOUTS[dataset]})")
+    found = False
+    for split in ("train", "val"):
+        image_dir = _image_dir(spec.name, root, split)
+        if not image_dir.is_dir():
+            continue
+        found = True
+        path = split_path(dataset, root, split)
+        if not path.is_file():
+            samples = _LISTERS[spec.name](root, split)
+            if not samples:
+                raise DataError(f"{image_dir}: no images (expected {LAYOUTS[dataset]})")
+            write_split(path, samples)
+    if not found:
+        raise DataError(f"{root}: not a {dataset} root (expected {LAYOUTS[dataset]})")
+    return root
+
+
+def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val"), overwrite: bool = False) -> int:
+    """Render COCO-81 semantic masks from the instance annotations (pycocotools).
+
+    masks/<id>.png: 0 = background, 1..80 = the thing classes in category-id order, 255 = crowd regions. Crowd
+    regions are painted first and instances over them from the largest to the smallest, so individually annotated
+    objects inside a crowd and small objects in front of large ones keep their class.
+
+    Args:
+        root: COCO root holding annotations/instances_{train,val}2017.json.
+        splits: which annotation files to render.
+        overwrite: re-render masks that exist (default: skip them, so an interrupted run resumes).
+    Returns:
+        Number of masks written.
+    """
+    try:
+        from pycocotools.coco import COCO
+    except ImportError:
+        raise DataError("prepare-coco needs pycocotools: pip install pycocotools") from None
+    root = Path(root)
+    class_of = {category: index for index, category in enumerate(COCO_CATEGORY_IDS) if index > 0}
+    annotation_files = [root / "annotations" / f"instances_{split}2017.json" for split in splits]
+    if not any(file.is_file() for file in annotation_files):
+        raise DataError(f"{root / 'annotations'}: no {' or '.join(file.name for file in annotation_files)}")
+    written = 0
+    for file in annotation_files:
+        if not file.is_file():
+            continue
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its timing
+                coco = COCO(str(file))
+        except (ValueError, KeyError, TypeError) as error:
+            raise DataError(f"{file}: not a COCO instances file ({error})") from None
+        for image_id in tqdm(sorted(coco.imgs), desc=file.name, leave=False):
+            info = coco.imgs[image_id]
+            out = root / "masks" / f"{Path(info['file_name']).stem}.png"
+            if out.is_file() and not overwrite:
+                continue
+            mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W), 0 = background
+            annotations = coco.imgToAnns.get(image_id, [])
+            for annotation in sorted(annotations, key=lambda a: (not a.get("iscrowd", 0), -a.get("area", 0))):
+                if annotation["category_id"] not in class_of:
+                    raise DataError(f"{file}: annotation {annotation.get('id')} has category id "
+                                    f"{annotation['category_id']}, not one of the 80 COCO categories")
+                try:
+                    region = coco.annToMask(annotation).astype(bool)  # (H, W)
+                except (ValueError, KeyError, TypeError, IndexError) as error:
+                    raise DataError(f"{file}: annotation {annotation.get('id')} has an unreadable "
+                                    f"segmentation ({error})") from None
+                mask[region] = IGNORE_INDEX if annotation.get("iscrowd", 0) else class_of[annotation["category_id"]]
+            _save_png(mask, out)
+            written += 1
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The toy world: procedurally generated street-like scenes, stored like a real dataset
+
+TOY_SIZE = 128  # image side in pixels: big enough for a 96 crop of a patch-8 ViT, small enough for CPU training
+TOY_SEED = 0
+TOY_VERSION = 1  # bump when the generator changes, so stale worlds are regenerated
+TOY_JPEG_QUALITY = 95  # with 4:4:4 chroma: the fine textures survive compression
+TOY_DEFAULT_SYNTHETIC = "synthetic_dense_fine"  # what synthetic.txt lists: the paper's preferred kind (§4.1)
+
+
+@dataclass(frozen=True)
+class ToyKnobs:
+    """Generator settings of one toy split.
+
+    Attributes:
+        count: images in the split.
+        objects: (min, max) things per image: the density factor.
+        scale: thing size multiplier (dense scenes hold smaller things, as crowded photos do).
+        detail: amplitude of the fine textures, 1 = full: the texture half of the fidelity factor.
+        softness: edge ramp width in pixels, 1 = anti-aliased sharp edge: the edge half of the fidelity factor.
+        synthetic: apply the real -> synthetic appearance shift and store the true layout apart.
+    """
+    count: int
+    objects: tuple[int, int]
+    scale: float
+    detail: float
+    softness: float
+    synthetic: bool
+
+
+TOY_SPLITS = {
+    "train": ToyKnobs(300, (2, 5), 1.0, 1.0, 1.0, False),
+    "val": ToyKnobs(100, (2, 5), 1.0, 1.0, 1.0, False),
+    "synthetic_dense_fine": ToyKnobs(200, (8, 14), 0.8, 1.0, 1.0, True),
+    "synthetic_dense_coarse": ToyKnobs(200, (8, 14), 0.8, 0.25, 4.0, True),
+    "synthetic_sparse_fine": ToyKnobs(200, (1, 2), 1.0, 1.0, 1.0, True),
+    "synthetic_sparse_coarse": ToyKnobs(200, (1, 2), 1.0, 0.25, 4.0, True),
+}
+TOY_SHIFT_GAIN = (1.06, 1.0, 0.9)  # synthetic images are warmer ...
+TOY_SHIFT_GAMMA = 0.9  # ... and brighter in the mid-tones than real ones: a mild domain gap
+TOY_NOISE = {False: 4.0, True: 1.5}  # pixel noise σ: real "sensor" noise vs cleaner generated images
+_SHIFT_LUT = (255 * (np.minimum(np.arange(256)[:, None] * np.array(TOY_SHIFT_GAIN), 255) / 255) ** TOY_SHIFT_GAMMA
+              + 0.5).astype(np.uint8)  # (256, 3): the appearance shift per 8-bit value and channel
+
+
+def _coverage(distance: np.ndarray, softness: float) -> np.ndarray:
+    """Fraction of a pixel inside a shape from its signed distance (negative inside), ramp `softness` px wide."""
+    return np.clip(0.5 - distance / softness, 0.0, 1.0)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
+    """(size, size) float32 noise with features about `cell` px wide (a coarse random grid upsampled bicubically),
+    rescaled to unit standard deviation."""
+    coarse = rng.standard_normal((int(size / cell) + 2,) * 2, dtype=np.float32)
+    noise = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC, box=(
+        0.5, 0.5, coarse.shape[1] - 1.5, coarse.shape[0] - 1.5)))
+    return noise / noise.std()
+
+
+def _colour(rng: np.random.Generator, mean: tuple[int, int, int], spread: float) -> np.ndarray:
+    """(3,) float32 instance colour: the class colour plus per-instance variation."""
+    return (np.array(mean) + rng.normal(0, spread, 3)).astype(np.float32)
+
+
+def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detail: float,
+           fine_noise: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+    """One thing standing on the ground line y = `ground`: its window, signed distance and colour there.
+
+    Each class has its own shape, colour and texture: ball = red disc with shading and a highlight, crate = brown
+    box with planks, cone = orange triangle with white bands, sign = blue diamond with a white checker.
+    Returns None when the thing lies outside the image.
+    """
+    full = fine_noise.shape[0]
+    cx = rng.uniform(-0.05, 1.05) * full
+    name = TOY_CLASSES[cls]
+    if name == "ball":
+        radius = 0.55 * size
+        cy = ground - radius
+        half_w, half_h = radius, radius
+    elif name == "crate":
+        half_w, half_h = size * rng.uniform(0.45, 0.75), size * rng.uniform(0.35, 0.55)
+        cy = ground - half_h
+    elif name == "cone":
+        half_w, half_h = 0.45 * size, 0.7 * size
+        cy = ground - half_h
+    else:
+        half_w = half_h = 0.6 * size
+        cy = ground - 1.6 * size  # the sign floats above the ground on an unseen pole
+    x0, x1 = max(int(cx - half_w) - 3, 0), min(int(cx + half_w) + 4, full)
+    y0, y1 = max(int(cy - half_h) - 3, 0), min(int(cy + half_h) + 4, full)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    y, x = grid[0][y0:y1, x0:x1], grid[1][y0:y1, x0:x1]  # (h, w) pixel centres of the window
+    dx, dy = x - cx, y - cy
+    noise = fine_noise[y0:y1, x0:x1, None] * detail  # (h, w, 1)
+    if name == "ball":
+        distance = np.hypot(dx, dy) - radius
+        shade = 1 - 0.5 * np.clip(np.hypot(dx + 0.35 * radius, dy + 0.35 * radius) / (1.6 * radius), 0, 1)
+        glint = 90 * detail * np.exp(-((dx + 0.3 * radius) ** 2 + (dy + 0.3 * radius) ** 2) / (0.05 * radius ** 2))
+        base = _colour(rng, (200, 40, 35), 10)
+        colour = base * shade[..., None] + glint[..., None] + 6 * noise
+    elif name == "crate":
+        distance = np.maximum(np.abs(dx) - half_w, np.abs(dy) - half_h)
+        planks = 30 * detail * np.sin(2 * np.pi * y / rng.uniform(3, 6))
+        rim = np.where(distance > -1.5, 1 - 0.4 * detail, 1.0)  # dark frame along the edge
+        base = _colour(rng, (165, 115, 55), 10)
+        colour = (base + planks[..., None] + 8 * noise) * rim[..., None]
+    elif name == "cone":
+        top = cy - half_h
+        slope = half_w / (2 * half_h)  # half-width grows by this per pixel down from the apex
+        side = (np.abs(dx) - slope * (y - top)) / math.hypot(1, slope)
+        distance = np.maximum(side, np.abs(dy) - half_h)
+        band = (((y - top) / (2 * half_h) * 3) % 1 > 0.45) & (((y - top) / (2 * half_h) * 3) % 1 < 0.75)
+        base = _colour(rng, (245, 120, 25), 8)
+        white = np.array([240, 240, 235], np.float32)
+        colour = base + (white - base) * (0.9 * detail * band)[..., None] + 6 * noise
+    else:
+        distance = (np.abs(dx) + np.abs(dy) - half_w) / math.sqrt(2)
+        checker = ((np.floor(x / 4) + np.floor(y / 4)) % 2)[..., None]
+        base = _colour(rng, (30, 60, 190), 8)
+        white = np.array([190, 205, 240], np.float32)
+        colour = base + (white - base) * 0.55 * detail * checker + 6 * noise
+    return (slice(y0, y1), slice(x0, x1)), distance, colour
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) float32 (size, size) pixel-centre coordinates, shared by all scenes (read-only)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
+def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one toy scene: sky over grass with a road to the horizon, then things from far to near.
+
+    Args:
+        rng: numpy generator (one per image, so every image is reproducible on its own).
+        knobs: the split's density / fidelity / appearance settings.
+        size: image side.
+    Returns:
+        image (size, size, 3) uint8 RGB, label (size, size) uint8 train ids (the true layout, hard edges).
+    """
+    y, x = _pixel_grid(size)  # (S, S) pixel centres
+    fine = rng.standard_normal((size, size), dtype=np.float32)  # (S, S) per-pixel texture noise
+    mid, low = _smooth_noise(rng, size, 3), _smooth_noise(rng, size, 16)
+    horizon_level = size * rng.uniform(0.25, 0.5)
+    horizon = horizon_level + size * rng.uniform(0, 0.05) * np.sin(
+        2 * np.pi * x[0] / (size * rng.uniform(0.5, 1.5)) + rng.uniform(0, 2 * np.pi))  # (S,) per column
+    depth = np.clip((y - horizon) / (size - horizon), 0, 1)  # (S, S) 0 at the horizon, 1 at the bottom
+
+    # 1. stuff: grass everywhere, a road receding to the horizon, sky above
+    label = np.full((size, size), TOY_CLASSES.index("grass"), np.uint8)
+    grass = (_colour(rng, (75, 135, 50), 8)
+             + (22 * knobs.detail * fine + 10 * mid + 12 * low)[..., None] * np.array([0.7, 1.0, 0.5], np.float32))
+    image = grass  # (S, S, 3) float
+    if rng.random() < 0.8:
+        centre = size * rng.uniform(0.3, 0.7) + depth * size * rng.uniform(-0.4, 0.4)
+        road_distance = np.abs(x - centre) - (1 + depth * size * rng.uniform(0.25, 0.5))
+        road_distance = np.maximum(road_distance, horizon - y)  # nothing of the road above the horizon
+        road = (_colour(rng, (110, 108, 112), 6)
+                + (12 * knobs.detail * fine + 6 * low)[..., None])
+        image = image + (road - image) * _coverage(road_distance, knobs.softness)[..., None]
+        label[road_distance < 0] = TOY_CLASSES.index("road")
+    sky = (_colour(rng, (95, 145, 215), 8)
+           + (35 * np.clip(y / horizon, 0, 1) + 5 * low)[..., None])  # lighter towards the horizon
+    sky_distance = y - horizon
+    image = image + (sky - image) * _coverage(sky_distance, knobs.softness)[..., None]
+    label[sky_distance < 0] = TOY_CLASSES.index("sky")
+
+    # 2. things, far (near the horizon) to near (bottom) so nearer things occlude farther ones
+    count = int(rng.integers(knobs.objects[0], knobs.objects[1] + 1))
+    grounds = np.sort(rng.uniform(horizon_level + 0.05 * size, 1.1 * size, count))
+    for ground in grounds:
+        cls = int(rng.integers(TOY_NUM_STUFF, len(TOY_CLASSES)))
+        near = np.clip((ground - horizon_level) / (size - horizon_level), 0, 1)
+        thing_size = knobs.scale * size * (0.07 + 0.2 * near) * rng.uniform(0.85, 1.15)
+        drawn = _thing(rng, cls, ground, thing_size, knobs.detail, fine, (y, x))
+        if drawn is None:
+            continue
+        window, distance, colour = drawn
+        image[window] += (colour - image[window]) * _coverage(distance, knobs.softness)[..., None]
+        label[window][distance < 0] = cls
+
+    # 3. appearance: exposure and noise for real images; a warmer, brighter, cleaner look for synthetic ones
+    if not knobs.synthetic:
+        image *= rng.uniform(0.9, 1.1)
+    image += TOY_NOISE[knobs.synthetic] * rng.standard_normal(image.shape, dtype=np.float32)
+    image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    if knobs.synthetic:
+        image = np.take_along_axis(_SHIFT_LUT, image.reshape(-1, 3), 0).reshape(image.shape)
+    return image, label
+
+
+def _toy_files(split: str, index: int) -> tuple[str, str | None, str | None]:
+    """Relative (image, label, true layout) paths of one toy sample: JPEG images (20× faster to write than PNG
+    for noisy textures, like ADE20K/COCO), PNG labels."""
+    name = f"{index:06d}"
+    if TOY_SPLITS[split].synthetic:
+        kind = split[len("synthetic_"):]
+        return f"synthetic/{kind}/{name}.jpg", None, f"synthetic_truth/{kind}/{name}.png"
+    return f"images/{split}/{name}.jpg", f"labels/{split}/{name}.png", None
+
+
+def toy_world_exists(root: str | Path) -> bool:
+    """True when root holds a complete toy world of the current generator version."""
+    try:
+        return json.loads((Path(root) / "toy.json").read_text()).get("version") == TOY_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, int] | None = None) -> Path:
+    """Write the toy world: images, label PNGs, true layouts of the synthetic images and split files.
+
+    Deterministic from `seed`: image i of split s comes from numpy's generator seeded with (seed, s, i).
+    toy.json is written last, so an interrupted run is redone on next use.
+
+    Args:
+        root: output folder (created).
+        seed: world seed.
+        counts: images per split where not the TOY_SPLITS count (small worlds for tests).
+    Returns:
+        root as a Path.
+    """
+    root = Path(root)
+    counts = {split: (counts or {}).get(split, knobs.count) for split, knobs in TOY_SPLITS.items()}
+    splits = {}
+    progress = tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", leave=False)
+    for split_index, (split, knobs) in enumerate(TOY_SPLITS.items()):
+        lines = []
+        for index in range(counts[split]):
+            image, label = render_toy_scene(np.random.default_rng([seed, split_index, index]), knobs)
+            image_file, label_file, truth_file = _toy_files(split, index)
+            _atomic_write(root / image_file, lambda temporary, image=image: Image.fromarray(image).save(
+                temporary, format="JPEG", quality=TOY_JPEG_QUALITY, subsampling=0))
+            _save_png(label, root / (label_file or truth_file))
+            lines.append(f"{image_file} {label_file}" if label_file else image_file)
+            progress.update()
+        splits[split] = lines
+    progress.close()
+    splits["synthetic"] = splits[TOY_DEFAULT_SYNTHETIC]
+    for split, lines in splits.items():
+        _atomic_write(root / f"{split}.txt", lambda temporary, lines=lines: temporary.write_text("\n".join(lines) + "\n"))
+    meta = {"version": TOY_VERSION, "seed": seed, "size": TOY_SIZE, "classes": list(TOY_CLASSES),
+            "splits": {split: dict(vars(knobs), count=counts[split]) for split, knobs in TOY_SPLITS.items()}}
+    _atomic_write(root / "toy.json", lambda temporary: temporary.write_text(json.dumps(meta, indent=1) + "\n"))
+    return root
+
+
+def truth_path(image: str | Path) -> Path | None:
+    """Where the true layout of a synthetic image is stored: its path with the last `synthetic` folder renamed
+    `synthetic_truth` and a .png suffix (the toy world's convention), or None when the path has no such folder."""
+    parts = list(Path(image).parts)
+    for position in range(len(parts) - 2, -1, -1):
+        if parts[position] == "synthetic":
+            parts[position] = "synthetic_truth"
+            return Path(*parts).with_suffix(".png")
+    return None
+
+
+def toy_preview(root: str | Path, out: str | Path, *, per_split: int = 4) -> Path:
+    """Save a grid of toy samples: one row per split (real train, synthetic dense/sparse × fine/coarse), each
+    sample as image | coloured label (the stored true layout for synthetic images).
+
+    Args:
+        root: toy world folder (generated when absent).
+        out: PNG to write.
+        per_split: samples per row.
+    Returns:
+        out as a Path.
+    """
+    root = prepare_root("toy", root)
+    rows = ["train", "synthetic_dense_fine", "synthetic_dense_coarse", "synthetic_sparse_fine",
+            "synthetic_sparse_coarse"]
+    tiles = []
+    for split in rows:
+        row = []
+        for image_file, label_file in read_split(split_path("toy", root, split))[:per_split]:
+            label = load_label("toy", label_file or truth_path(image_file))
+            row += [load_image(image_file), colorize(label, TOY_PALETTE)]
+        tiles.append(np.concatenate(row, axis=1))  # (S, 2·per_split·S, 3)
+    grid = Image.fromarray(np.concatenate(tiles, axis=0))
+    draw = ImageDraw.Draw(grid)
+    for number, split in enumerate(rows):
+        draw.text((3, number * TOY_SIZE + 2), split, fill=(255, 255, 255))
+    _atomic_write(Path(out), lambda temporary: grid.save(temporary, format="PNG"))
+    return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Augmentation (DESIGN.md §2.3). All randomness from torch's global generator: DataLoader worker seeding and the
+# RNG state saved in checkpoints then make every crop reproducible.
+
+def _uniform(low: float, high: float) -> float:
+    return low + (high - low) * torch.rand(()).item()
+
+
+@dataclass(frozen=True)
+class _Crop:
+    """One random crop: resize the image to width × height, cut [left, left + c) × [top, top + c), pad the part
+    that runs past the resized image on the right/bottom (valid_w × valid_h is what remains), then maybe flip."""
+    width: int
+    height: int
+    left: int
+    top: int
+    valid_w: int
+    valid_h: int
+    flip: bool
+    size: int
+
+
+def _sample_crop(size: tuple[int, int], crop_size: int) -> _Crop:
+    """Draw rescale factor (long side × [0.5, 2]), crop offset and flip for an image of size (W, H)."""
+    width, height = size
+    long_side = max(int(max(width, height) * _uniform(*SCALE_RANGE) + 0.5), 1)
+    if width >= height:
+        new_w, new_h = long_side, max(int(height * long_side / width + 0.5), 1)
+    else:
+        new_w, new_h = max(int(width * long_side / height + 0.5), 1), long_side
+    left = int(torch.randint(0, max(new_w - crop_size, 0) + 1, ()))
+    top = int(torch.randint(0, max(new_h - crop_size, 0) + 1, ()))
+    flip = torch.rand(()).item() < FLIP_P
+    return _Crop(new_w, new_h, left, top, min(crop_size, new_w - left), min(crop_size, new_h - top), flip, crop_size)
+
+
+def _resized_region(image: Image.Image, crop: _Crop, resample: int) -> Image.Image:
+    """The valid part of the crop, resampled straight from the source image.
+
+    PIL's `box` maps output pixels to the same source coordinates and filter support as resizing the whole image
+    and cutting afterwards, so the pixels are the same up to rounding (≤ 2 levels from PIL's 8-bit intermediate
+    pass; nearest-neighbour ties at exact half-pixels may pick the other neighbour); only the crop is computed,
+    not up to 4× the image.
+    """
+    scale_x, scale_y = image.width / crop.width, image.height / crop.height
+    box = (crop.left * scale_x, crop.top * scale_y,
+           (crop.left + crop.valid_w) * scale_x, (crop.top + crop.valid_h) * scale_y)
+    return image.resize((crop.valid_w, crop.valid_h), resample, box=box)
+
+
+def _to_tensor(region: Image.Image, crop: _Crop | None, fill: int, dtype: torch.dtype) -> torch.Tensor:
+    """(C, c, c) tensor of a crop's valid region, flipped and padded with `fill` as the crop says; (C, H, W) for
+    the whole image when crop is None. One copy out of PIL, one converting copy into the output."""
+    if crop is not None and crop.flip:
+        region = region.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    with warnings.catch_warnings():
+        # the bytes are only read (copied into the output), so torch's warning about read-only buffers is moot
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.frombuffer(region.tobytes(), dtype=torch.uint8)
+    pixels = pixels.view(region.height, region.width, -1).permute(2, 0, 1)  # (C, h, w) uint8 view
+    if crop is None or (crop.valid_w == crop.size and crop.valid_h == crop.size):
+        return torch.empty(pixels.shape, dtype=dtype).copy_(pixels)
+    out = torch.full((pixels.shape[0], crop.size, crop.size), fill, dtype=dtype)
+    left = crop.size - crop.valid_w if crop.flip else 0  # padding was on the right; a flip moves it left
+    out[:, :crop.valid_h, left:left + crop.valid_w] = pixels
+    return out
+
+
+_NORM_SCALE = 1 / (255 * torch.tensor(IMAGENET_STD).view(3, 1, 1))
+_NORM_SHIFT = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def _image_tensor(region: Image.Image, crop: _Crop | None) -> torch.Tensor:
+    """(3, c, c) float32 ImageNet-normalised view, (x/255 − mean)/std in place; padding is x = 0."""
+    return _to_tensor(region, crop, 0, torch.float32).mul_(_NORM_SCALE).sub_(_NORM_SHIFT)
+
+
+def _label_tensor(label: Image.Image, crop: _Crop | None) -> torch.Tensor:
+    """(c, c) int64 train ids, 255 = ignore (padding included)."""
+    return _to_tensor(label, crop, IGNORE_INDEX, torch.int64)[0]
+
+
+def _ignore_mask(crop: _Crop) -> torch.Tensor:
+    """(c, c) bool, True on padding."""
+    mask = torch.ones(crop.size, crop.size, dtype=torch.bool)
+    left = crop.size - crop.valid_w if crop.flip else 0
+    mask[:crop.valid_h, left:left + crop.valid_w] = False
+    return mask
+
+
+def _gray(points: np.ndarray) -> np.ndarray:
+    return points @ np.array(GRAY_WEIGHTS, np.float32)  # (N,)
+
+
+def _shift_hue(points: np.ndarray, shift: float) -> np.ndarray:
+    """Rotate the HSV hue of (N, 3) RGB points by `shift` turns (value and saturation kept), as PIL/torchvision do."""
+    high, low = points.max(1), points.min(1)
+    chroma = high - low
+    red, green, blue = points.T
+    safe = np.where(chroma > 0, chroma, 1)  # grey points have no hue; any value works since chroma = 0
+    hue = np.where(high == red, ((green - blue) / safe) % 6,
+                   np.where(high == green, (blue - red) / safe + 2, (red - green) / safe + 4))  # (N,) in [0, 6)
+    hue = (hue + 6 * shift) % 6
+    channels = [(hue + offset) % 6 for offset in (5.0, 3.0, 1.0)]  # the HSV -> RGB formula per channel
+    return np.stack([high - chroma * np.clip(np.minimum(k, 4 - k), 0, 1) for k in channels], 1)
+
+
+def _colour_table(ops: list[tuple[str, float]], region: Image.Image) -> ImageFilter.Color3DLUT:
+    """The colour jitter (in its random order) and grayscale as one 3-D lookup table.
+
+    Brightness, saturation, hue and grayscale act on each pixel alone; contrast blends with the image's mean gray,
+    taken here from a ~4096-pixel subsample passed through the preceding ops. Evaluating the chain on a
+    17³ lattice and letting PIL interpolate costs one pass over the crop instead of torchvision's six
+    (two of them HSV conversions); the result differs from the exact chain by about one gray level on average.
+    """
+    grid = np.linspace(0, 255, COLOUR_TABLE_SIZE, dtype=np.float32)
+    blue, green, red = np.meshgrid(grid, grid, grid, indexing="ij")  # red varies fastest, as Color3DLUT expects
+    lattice = np.stack([red, green, blue], -1).reshape(-1, 3)  # (n³, 3)
+    stride = max(1, int(math.sqrt(region.width * region.height / 4096)))
+    sample = np.asarray(region)[::stride, ::stride].reshape(-1, 3).astype(np.float32)  # (~4096, 3)
+    points = np.concatenate([lattice, sample])  # (N, 3) float
+    for name, factor in ops:
+        if name == "brightness":
+            points = points * factor
+        elif name == "contrast":
+            mean = _gray(points[len(lattice):]).mean()
+            points = mean + factor * (points - mean)
+        elif name == "saturation":
+            gray = _gray(points)[:, None]
+            points = gray + factor * (points - gray)
+        elif name == "hue":
+            points = _shift_hue(points, factor)
+        else:
+            points = np.repeat(_gray(points)[:, None], 3, 1)
+        points = np.clip(points, 0, 255)  # each PIL op saturates to 8 bits before the next
+    return ImageFilter.Color3DLUT(COLOUR_TABLE_SIZE, points[:len(lattice)] / 255, channels=3)
+
+
+def _strong_colour(region: Image.Image) -> Image.Image:
+    """Strong-view photometric ops: colour jitter (p 0.8, random order as torchvision's ColorJitter), grayscale
+    (p 0.2), Gaussian blur σ ∈ [0.1, 2] (p 0.5; PIL's filter, as the reference code uses)."""
+    ops = []
+    if torch.rand(()).item() < JITTER_P:
+        order = torch.randperm(4).tolist()
+        brightness, contrast, saturation = (_uniform(max(0.0, 1 - s), 1 + s) for s in JITTER[:3])
+        hue = _uniform(-JITTER[3], JITTER[3])
+        named = [("brightness", brightness), ("contrast", contrast), ("saturation", saturation), ("hue", hue)]
+        ops = [named[index] for index in order]
+    if torch.rand(()).item() < GRAYSCALE_P:
+        ops.append(("grayscale", 0.0))
+    if ops == [("grayscale", 0.0)]:
+        region = region.convert("L").convert("RGB")  # cheaper than a table for grayscale alone
+    elif ops:
+        region = region.filter(_colour_table(ops, region))
+    if torch.rand(()).item() < BLUR_P:
+        region = region.filter(ImageFilter.GaussianBlur(_uniform(*BLUR_SIGMA)))
+    return region
+
+
+def cutmix_box(crop_size: int, p: float = CUTMIX_P) -> torch.Tensor:
+    """A random CutMix box, drawn as the reference code does: area fraction ∈ [0.02, 0.4], aspect h/w ∈ [0.3, 1/0.3],
+    top-left uniform, redrawn (aspect and position) until the box fits inside the crop.
+
+    Args:
+        crop_size: c.
+        p: probability of a box (else the mask is empty).
+    Returns:
+        (c, c) bool, True inside the box.
+    """
+    mask = torch.zeros(crop_size, crop_size, dtype=torch.bool)
+    if torch.rand(()).item() >= p:
+        return mask
+    area = _uniform(*CUTMIX_AREA) * crop_size * crop_size
+    while True:
+        aspect = _uniform(*CUTMIX_ASPECT)
+        box_w, box_h = int(math.sqrt(area / aspect)), int(math.sqrt(area * aspect))
+        left, top = int(torch.randint(0, crop_size, ())), int(torch.randint(0, crop_size, ()))
+        if left + box_w <= crop_size and top + box_h <= crop_size:
+            break
+    mask[top:top + box_h, left:left + box_w] = True
+    return mask
+
+
+def _check_crop(crop_size: int | None, patch_size: int) -> int:
+    """The crop size, or DataError naming --crop-size when it is missing or not a multiple of the patch."""
+    if crop_size is None or crop_size <= 0 or crop_size % patch_size:
+        raise DataError(f"--crop-size {crop_size}: must be a positive multiple of the backbone patch size {patch_size}")
+    return crop_size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Datasets
+
+class LabelledDataset(torch.utils.data.Dataset):
+    """Real labelled images of one split.
+
+    train=True: `(image (3, c, c) float32, label (c, c) int64)` with the paper's augmentation (rescale, pad with
+    ignore, random crop, flip, ImageNet normalisation). train=False: `(image (3, H, W), label (H, W))` unaugmented.
+    """
+
+    def __init__(self, dataset: str, root: str | Path, split: str, *, crop_size: int | None = None,
+                 train: bool = True, patch_size: int = 14, reduce_zero_label: bool | None = None):
+        """
+        Args:
+            dataset: registry name.
+            root: dataset root (the toy world is generated there when absent; split files are written if missing).
+            split: split name (train, val) or a split file path.
+            crop_size: c for train=True; a multiple of patch_size.
+            train: augment and crop (True) or return full images (False).
+            patch_size: the backbone's patch size.
+            reduce_zero_label: override the dataset's zero-label reduction (False for already reduced ADE20K masks).
+        """
+        self.spec = get_spec(dataset)
+        self.crop_size = _check_crop(crop_size, patch_size) if train else crop_size
+        self.train, self.reduce_zero_label = train, reduce_zero_label
+        path = split_path(dataset, prepare_root(dataset, root), split)
+        self.samples = read_split(path)
+        if not self.samples:
+            raise DataError(f"{path}: split file lists no images")
+        unlabelled = next((image for image, label in self.samples if label is None), None)
+        if unlabelled is not None:
+            raise DataError(f"{path}: {unlabelled} has no label (a labelled split needs 'image label' lines)")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, label_path = self.samples[index]
+        image, label = _open_image(image_path), _open_label(label_path)
+        if image.size != label.size:
+            raise DataError(f"{label_path}: label is {label.width}×{label.height} but {image_path} is "
+                            f"{image.width}×{image.height}")
+        crop = _sample_crop(image.size, self.crop_size) if self.train else None
+        if crop is not None:
+            image = _resized_region(image, crop, Image.BILINEAR)
+            label = _resized_region(label, crop, Image.NEAREST)  # nearest keeps label values
+        # train ids are looked up after resizing (same result for nearest), on the crop only
+        label = _to_train_ids(label, self.spec, label_path, self.reduce_zero_label)[0]
+        return _image_tensor(image, crop), _label_tensor(label, crop)  # (3, c, c), (c, c) 255 = ignore
+
+
+def synthetic_images(source: str | Path) -> list[Path]:
+    """The image list of a synthetic source.
+
+    Args:
+        source: a folder (images found recursively), a split file (.txt, first column), or generate.py's
+            manifest.jsonl (one JSON object per line with a `file` key relative to the manifest's folder).
+    Returns:
+        Image paths (sorted for folders, file order otherwise).
+    """
+    source = Path(source)
+    if source.is_dir():
+        images = sorted(file for file in source.rglob("*") if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file())
+    elif source.suffix == ".jsonl" and source.is_file():
+        images = []
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                images.append(source.parent / json.loads(line)["file"])
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{source}:{number}: expected a JSON object with a 'file' key") from None
+    elif source.suffix == ".txt" and source.is_file():
+        images = [image for image, _ in read_split(source)]
+    elif not source.exists():
+        raise DataError(f"{source}: synthetic source not found (expected a folder, a .txt split file or manifest.jsonl)")
+    else:
+        raise DataError(f"{source}: unsupported synthetic source (expected a folder, a .txt split file or a .jsonl manifest)")
+    if not images:
+        raise DataError(f"{source}: no images found")
+    return images
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """Unlabelled (synthetic) images with a weak and a strong view of the same crop.
+
+    Item: `(image_w (3, c, c) float32, image_s (3, c, c) float32, ignore_mask (c, c) bool (True = padding),
+    cutmix_box (c, c) bool)`, plus `truth (c, c) int64` with with_truth=True: the stored true layout under the
+    same geometry, all 255 when none exists (for measuring pseudo-labels; never for training).
+    """
+
+    def __init__(self, source: str | Path, *, crop_size: int, patch_size: int = 14, with_truth: bool = False):
+        """
+        Args:
+            source: folder, split file or manifest.jsonl (see synthetic_images).
+            crop_size: c, a multiple of patch_size.
+            patch_size: the backbone's patch size.
+            with_truth: append the true layout (toy world) to each item.
+        """
+        self.crop_size = _check_crop(crop_size, patch_size)
+        self.images = synthetic_images(source)
+        self.with_truth = with_truth
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        path, size = self.images[index], self.crop_size
+        image = _open_image(path)
+        crop = _sample_crop(image.size, size)
+        region = _resized_region(image, crop, Image.BILINEAR)  # shared geometry of both views
+        image_w = _image_tensor(region, crop)  # (3, c, c)
+        image_s = _image_tensor(_strong_colour(region), crop)  # (3, c, c)
+        item = (image_w, image_s, _ignore_mask(crop), cutmix_box(size))
+        if self.with_truth:
+            item += (self._truth(path, image.size, crop),)
+        return item
+
+    def _truth(self, path: Path, image_size: tuple[int, int], crop: _Crop) -> torch.Tensor:
+        """(c, c) int64 true layout under the crop's geometry; all ignore when the image has none."""
+        truth_file = truth_path(path)
+        if truth_file is None or not truth_file.is_file():
+            return torch.full((self.crop_size, self.crop_size), IGNORE_INDEX, dtype=torch.int64)
+        truth = _open_label(truth_file)
+        if truth.size != image_size:
+            raise DataError(f"{truth_file}: true layout is {truth.width}×{truth.height}, {path} is "
+                            f"{image_size[0]}×{image_size[1]}")
+        return _label_tensor(_resized_region(truth, crop, Image.NEAREST), crop)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: python data.py check, and the quick version train.py runs before training
+
+def _check_sample(spec: DatasetSpec, image_path: Path, label_path: Path | None,
+                  reduce_zero_label: bool | None) -> tuple[list[str], tuple[int, int] | None, np.ndarray | None]:
+    """Decode one sample: (problems, image size (W, H), per-value pixel counts (256,) of its train ids)."""
+    try:
+        image = _open_image(image_path)
+    except DataError as error:
+        return [str(error)], None, None
+    if label_path is None:
+        return [], image.size, None
+    try:
+        label = _open_label(label_path)
+        if label.size != image.size:
+            raise DataError(f"{label_path}: label is {label.width}×{label.height} but {image_path} is "
+                            f"{image.width}×{image.height}")
+        counts = _to_train_ids(label, spec, label_path, reduce_zero_label)[1]
+    except DataError as error:
+        return [str(error)], image.size, None
+    return [], image.size, np.array(counts)
+
+
+def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
+          reduce_zero_label: bool | None) -> tuple[list[str], dict]:
+    """check_dataset's work, plus the statistics of the summary table."""
+    stats = {"samples": 0, "labelled": 0, "decoded": 0, "sizes": Counter(), "pixels": np.zeros(256, np.int64),
+             "images_with": np.zeros(256, np.int64)}
+    try:
+        spec, root = get_spec(dataset), prepare_root(dataset, root)
+        path = split_path(dataset, root, split)
+        samples = read_split(path)
+    except DataError as error:
+        return [str(error)], stats
+    if not samples:
+        return [f"{path}: split file lists no images"], stats
+    stats["samples"] = len(samples)
+    labelled = [label is not None for _, label in samples]
+    stats["labelled"] = sum(labelled)
+    problems = []
+    if any(labelled) and not all(labelled):
+        first = samples[labelled.index(False)][0]
+        problems.append(f"{path}: {len(labelled) - sum(labelled)} lines without a label, first {first}")
+    present = []
+    for image, label in samples:
+        missing = [file for file in (image, label) if file is not None and not file.is_file()]
+        problems += [f"{file}: missing (listed in {path})" for file in missing]
+        if not missing:
+            present.append((image, label))
+    if quick and len(present) > QUICK_SAMPLES:
+        present = [present[round(i * (len(present) - 1) / (QUICK_SAMPLES - 1))] for i in range(QUICK_SAMPLES)]
+    # decoding is mostly in C with the GIL released: threads use the cores without pickling images
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda sample: _check_sample(spec, *sample, reduce_zero_label), present)
+        for found, size, counts in tqdm(results, total=len(present), desc=f"check {split}", leave=False,
+                                        disable=quick):
+            problems += found
+            stats["decoded"] += 1
+            if size is not None:
+                stats["sizes"][size] += 1
+            if counts is not None:
+                stats["pixels"] += counts
+                stats["images_with"] += counts > 0
+    return problems, stats
+
+
+def check_dataset(dataset: str, root: str | Path, split: str, *, quick: bool = False,
+                  reduce_zero_label: bool | None = None) -> list[str]:
+    """Validate one split: layout, split file, missing or unreadable files, image/label size agreement, label values
+    >= K other than 255 (after the dataset's conversion).
+
+    Args:
+        dataset: registry name.
+        root: dataset root (prepared as prepare_root does: toy generated, split files written).
+        split: split name or split file.
+        quick: check that every listed file exists but decode only QUICK_SAMPLES samples spread over the split
+            (seconds; what train.py runs at start) instead of all of them.
+        reduce_zero_label: override the dataset's zero-label reduction.
+    Returns:
+        One line per problem, each naming the file; empty when the split is fine.
+    """
+    return _scan(dataset, root, split, quick=quick, reduce_zero_label=reduce_zero_label)[0]
+
+
+def _summary(dataset: str, split: str, stats: dict) -> str:
+    """The table `python data.py check` prints for a healthy split."""
+    spec = get_spec(dataset)
+    sizes = ", ".join(f"{w}×{h} ({n})" for (w, h), n in stats["sizes"].most_common(3))
+    more = f" and {len(stats['sizes']) - 3} more" if len(stats["sizes"]) > 3 else ""
+    lines = [f"{dataset} {split}: {stats['samples']} images, {stats['labelled']} labelled, "
+             f"{stats['decoded']} decoded; sizes {sizes}{more}"]
+    total = stats["pixels"].sum()
+    if total:
+        lines += [f"{'id':>4}  {'class':<22}{'pixels %':>9}{'images':>8}"]
+        for index, name in enumerate(spec.classes):
+            lines.append(f"{index:>4}  {name[:22]:<22}{100 * stats['pixels'][index] / total:>9.2f}"
+                         f"{stats['images_with'][index]:>8}")
+        lines.append(f"{IGNORE_INDEX:>4}  {'ignore':<22}{100 * stats['pixels'][IGNORE_INDEX] / total:>9.2f}"
+                     f"{stats['images_with'][IGNORE_INDEX]:>8}")
+        absent = [spec.classes[k] for k in range(spec.num_classes) if stats["pixels"][k] == 0]
+        if absent:
+            lines.append(f"classes absent from this split: {', '.join(absent)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures
+
+def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+    """Colour a label map.
+
+    Args:
+        label: (H, W) integer train ids, 255 = ignore.
+        palette: K RGB colours.
+    Returns:
+        (H, W, 3) uint8; ignore and values without a colour are black.
+    """
+    table = np.zeros((256, 3), np.uint8)
+    table[:len(palette)] = palette
+    return table[np.asarray(label).astype(np.int64).clip(0, 255)]
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """Undo the ImageNet normalisation.
+
+    Args:
+        image: (3, H, W) or (B, 3, H, W) float tensor.
+    Returns:
+        (H, W, 3) or (B, H, W, 3) uint8 numpy array.
+    """
+    image = image.detach().float().cpu()
+    pixels = (image * _NORM_SCALE.reciprocal() / 255 + _NORM_SHIFT / _NORM_SCALE / 255) * 255
+    return pixels.round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    toy = commands.add_parser("toy", help="generate the toy world (and optionally a preview picture)")
+    toy.add_argument("--root", default="data/toy", help="output folder (default: data/toy)")
+    toy.add_argument("--seed", type=int, default=TOY_SEED, help=f"world seed (default: {TOY_SEED})")
+    toy.add_argument("--force", action="store_true", help="regenerate even if a toy world is there")
+    toy.add_argument("--preview", help="save a grid of real / synthetic samples with coloured labels to this PNG")
+    check = commands.add_parser("check", help="validate a dataset split; non-zero exit status on any problem")
+    check.add_argument("--dataset", default="toy", choices=sorted(DATASETS), help="dataset (default: toy)")
+    check.add_argument("--root", help="dataset root (default: data/<dataset>)")
+    check.add_argument("--split", help="split name or split file (default: train and val)")
+    check.add_argument("--quick", action="store_true", help="decode only a few samples (what training runs at start)")
+    check.add_argument("--ade-reduced", action="store_true",
+                       help="ADE20K masks are already reduced (0..149, 255 ignore) (default: raw 0..150)")
+    coco = commands.add_parser("prepare-coco", help="render COCO-81 masks/<id>.png from the instance annotations")
+    coco.add_argument("--root", required=True, help="COCO root with annotations/instances_{train,val}2017.json")
+    coco.add_argument("--overwrite", action="store_true", help="re-render existing masks (default: skip them)")
+    args = parser.parse_args()
+    try:
+        if args.command == "toy":
+            if args.force or not toy_world_exists(args.root):
+                make_toy_world(args.root, seed=args.seed)
+                print(f"toy world written to {args.root}")
+            else:
+                print(f"toy world already at {args.root} (--force regenerates it)")
+            if args.preview:
+                print(f"preview: {toy_preview(args.root, args.preview)}")
+        elif args.command == "check":
+            root = args.root or f"data/{args.dataset}"
+            reduce = False if args.ade_reduced else None
+            failed = 0
+            for split in [args.split] if args.split else ["train", "val"]:
+                problems, stats = _scan(args.dataset, root, split, quick=args.quick, reduce_zero_label=reduce)
+                print("\n".join(problems) if problems else _summary(args.dataset, split, stats))
+                failed += len(problems)
+            if failed:
+                raise SystemExit(f"{failed} problem(s) in {args.dataset} at {root}")
+        else:
+            print(f"{prepare_coco(args.root, overwrite=args.overwrite)} masks written to {Path(args.root) / 'masks'}")
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
