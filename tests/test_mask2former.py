@@ -1,0 +1,255 @@
+"""Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (BACKBONES, M2F_HEAD_SIZES, M2F_SIZES, Mask2FormerHead, MultiScaleDeformableAttention,
+                   build_model, class_scores, hungarian_match, mask2former_loss, semantic_to_targets,
+                   sine_position_encoding)
+
+m2f_reference = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
+Mask2FormerConfig = pytest.importorskip("transformers.models.mask2former.configuration_mask2former").Mask2FormerConfig
+
+# labelled setting (Mask2Former's numbers) and the synthetic one (SENSE's reference code)
+SETTINGS = {
+    "labelled": dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
+                     cost_class=2.0, cost_mask=5.0, cost_dice=5.0),
+    "synthetic": dict(class_weight=2.0, mask_weight=5.0, dice_weight=0.0, no_object_weight=0.02,
+                      cost_class=1.0, cost_mask=1.0, cost_dice=0.0),
+}
+POINTS = 64  # few points keep the tests fast; the sampling code path is the same as with 12544
+
+
+def random_outputs(b=2, q=10, k=5, h=12, w=14, aux=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = [{"pred_logits": torch.randn(b, q, k + 1, generator=g), "pred_masks": torch.randn(b, q, h, w, generator=g)}
+              for _ in range(aux + 1)]
+    return {**layers[-1], "aux_outputs": layers[:-1]}
+
+
+def random_label(b=2, k=5, height=24, width=28, seed=0):
+    """Blocky label maps (4×4 cells) with an ignored band, so masks have structure at the points."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, k, (b, height // 4, width // 4), generator=g)
+    label = label.repeat_interleave(4, 1).repeat_interleave(4, 2)  # (B, H, W)
+    label[0, :4] = 255
+    return label
+
+
+def reference_loss(setting, k):
+    s = SETTINGS[setting]
+    config = Mask2FormerConfig(num_labels=k, train_num_points=POINTS, oversample_ratio=3.0,
+                               importance_sample_ratio=0.75, class_weight=s["class_weight"],
+                               mask_weight=s["mask_weight"], dice_weight=s["dice_weight"],
+                               no_object_weight=s["no_object_weight"])
+    loss = m2f_reference.Mask2FormerLoss(config, weight_dict={})
+    # the reference ties matching costs to loss weights; the synthetic branch uses its own costs
+    loss.matcher = m2f_reference.Mask2FormerHungarianMatcher(
+        cost_class=s["cost_class"], cost_mask=s["cost_mask"], cost_dice=s["cost_dice"], num_points=POINTS)
+    return loss
+
+
+def run_reference(loss, outputs, targets):
+    aux = [{"masks_queries_logits": a["pred_masks"], "class_queries_logits": a["pred_logits"]}
+           for a in outputs["aux_outputs"]] or None
+    return loss(outputs["pred_masks"], outputs["pred_logits"], [t["masks"] for t in targets],
+                [t["labels"] for t in targets], aux)
+
+
+def test_semantic_to_targets_one_mask_per_present_class():
+    label = torch.tensor([[[0, 0, 3], [3, 255, 255]], [[255, 255, 255], [255, 255, 255]]])
+    first, second = semantic_to_targets(label, num_classes=4)
+    assert first["labels"].tolist() == [0, 3] and first["labels"].dtype == torch.int64
+    assert first["masks"].dtype == torch.float32
+    assert first["masks"].tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [1, 0, 0]]]
+    assert second["labels"].numel() == 0 and second["masks"].shape == (0, 2, 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        semantic_to_targets(label, num_classes=3)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_matching_equals_transformers(setting):
+    s = SETTINGS[setting]
+    outputs, targets = random_outputs(), semantic_to_targets(random_label(), 5)
+    matcher = m2f_reference.Mask2FormerHungarianMatcher(cost_class=s["cost_class"], cost_mask=s["cost_mask"],
+                                                         cost_dice=s["cost_dice"], num_points=POINTS)
+    torch.manual_seed(1)
+    expected = matcher(outputs["pred_masks"], outputs["pred_logits"], [t["masks"] for t in targets],
+                       [t["labels"] for t in targets])
+    torch.manual_seed(1)
+    ours = hungarian_match(outputs["pred_logits"], outputs["pred_masks"], targets, cost_class=s["cost_class"],
+                           cost_mask=s["cost_mask"], cost_dice=s["cost_dice"], num_points=POINTS)
+    for (rows, cols), (ref_rows, ref_cols) in zip(ours, expected):
+        assert rows.tolist() == ref_rows.tolist() and cols.tolist() == ref_cols.tolist()
+        assert len(rows) > 0
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_loss_term_equals_transformers(setting):
+    k = 5
+    outputs, targets = random_outputs(k=k), semantic_to_targets(random_label(k=k), k)
+    torch.manual_seed(1)
+    expected = run_reference(reference_loss(setting, k), outputs, targets)
+    torch.manual_seed(1)
+    ours = mask2former_loss(outputs, targets, num_points=POINTS, **SETTINGS[setting])
+    assert len(expected) == 3 * 4 == len(ours) - 1
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name.replace("cross_entropy", "ce")], value, rtol=1e-5, atol=1e-6)
+    s = SETTINGS[setting]
+    total = sum(s["class_weight"] * expected[f"loss_cross_entropy{x}"] + s["mask_weight"] * expected[f"loss_mask{x}"]
+                + s["dice_weight"] * expected[f"loss_dice{x}"] for x in ["", "_0", "_1", "_2"])
+    torch.testing.assert_close(ours["loss"], total, rtol=1e-5, atol=1e-5)
+
+
+def test_skip_empty_ce_leaves_images_without_targets_out():
+    k = 5
+    outputs = random_outputs(k=k, aux=0)
+    label = random_label(k=k)
+    label[1] = 255  # the second image has no target
+    targets = semantic_to_targets(label, k)
+    first = {"pred_logits": outputs["pred_logits"][:1], "pred_masks": outputs["pred_masks"][:1], "aux_outputs": []}
+    torch.manual_seed(1)  # the first image's matching draw comes first in both runs
+    expected = run_reference(reference_loss("synthetic", k), first, targets[:1])["loss_cross_entropy"]
+    torch.manual_seed(1)
+    skipped = mask2former_loss(outputs, targets, num_points=POINTS, skip_empty_ce=True, **SETTINGS["synthetic"])
+    torch.manual_seed(1)
+    counted = mask2former_loss(outputs, targets, num_points=POINTS, **SETTINGS["synthetic"])
+    torch.testing.assert_close(skipped["loss_ce"], expected)
+    assert not torch.isclose(counted["loss_ce"], expected)
+    for prediction in outputs, *outputs["aux_outputs"]:
+        prediction["pred_logits"].requires_grad_(True)
+        prediction["pred_masks"].requires_grad_(True)
+    nothing = mask2former_loss(outputs, semantic_to_targets(torch.full_like(label, 255), k), num_points=POINTS,
+                               skip_empty_ce=True)
+    assert nothing["loss"] == 0 and nothing["loss"].requires_grad  # backward() still works on such a batch
+
+
+def test_valid_masks_exclude_ignored_pixels():
+    """At every pixel centre, point sampling is exact: the losses equal dense ones over valid pixels."""
+    k, height, width = 4, 8, 12
+    g = torch.Generator().manual_seed(0)
+    outputs = {"pred_logits": torch.randn(1, 6, k + 1, generator=g), "pred_masks": torch.randn(1, 6, height, width,
+                                                                                             generator=g)}
+    label = torch.randint(0, k, (1, height, width), generator=g)
+    label[0, :, :3] = 255
+    targets, valid = semantic_to_targets(label, k), [label[0] != 255]
+    ys, xs = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+    centres = torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (H*W, 2) as (x, y)
+    ours = mask2former_loss(outputs, targets, valid_masks=valid, point_coords=centres)
+    (rows, cols), = hungarian_match(outputs["pred_logits"], outputs["pred_masks"], targets, cost_class=2.0,
+                                    cost_mask=5.0, cost_dice=5.0, num_points=0, valid_masks=valid,
+                                    point_coords=centres)
+    keep = valid[0].flatten()
+    logits = outputs["pred_masks"][0, rows].flatten(1)[:, keep]  # (m, valid pixels)
+    truth = targets[0]["masks"][cols].flatten(1)[:, keep]
+    bce = F.binary_cross_entropy_with_logits(logits, truth, reduction="none").mean(1).sum() / len(cols)
+    p = logits.sigmoid()
+    dice = (1 - (2 * (p * truth).sum(1) + 1) / (p.sum(1) + truth.sum(1) + 1)).sum() / len(cols)
+    torch.testing.assert_close(ours["loss_mask"], bce)
+    torch.testing.assert_close(ours["loss_dice"], dice)
+    as_negative = mask2former_loss(outputs, targets, point_coords=centres)
+    assert not torch.isclose(as_negative["loss_mask"], bce)
+    all_valid = mask2former_loss(outputs, targets, valid_masks=[torch.ones_like(valid[0])], point_coords=centres)
+    torch.testing.assert_close(all_valid["loss"], as_negative["loss"])
+
+
+def test_deformable_attention_equals_transformers_kernel():
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(width=32, heads=4, levels=3, points=2)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.5)  # non-trivial offsets and weights
+    torch.nn.init.normal_(attn.attention_weights.weight)
+    shapes = [(3, 2), (5, 4), (9, 7)]
+    n = sum(h * w for h, w in shapes)
+    x = torch.randn(2, n, 32)
+    reference = torch.rand(n, 2)
+    ours = attn(x, reference, x, shapes)
+    offsets = attn.sampling_offsets(x).view(2, n, 4, 3, 2, 2)
+    size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)
+    locations = reference[None, :, None, None, None] + offsets / size[:, None]
+    weights = attn.attention_weights(x).view(2, n, 4, 6).softmax(-1).view(2, n, 4, 3, 2)
+    value = attn.value_proj(x).view(2, n, 4, 8)
+    expected = attn.output_proj(m2f_reference.multi_scale_deformable_attention(value, shapes, locations, weights))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sine_position_encoding_equals_transformers():
+    encoding = m2f_reference.Mask2FormerSinePositionEmbedding(num_position_features=16, normalize=True)
+    expected = encoding((1, 32, 5, 7), "cpu", torch.float32)  # (1, 32, 5, 7)
+    torch.testing.assert_close(sine_position_encoding(5, 7, 32), expected[0].flatten(1).T)
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (1, 3)])
+@pytest.mark.parametrize("encoder_layers", [1, 0])
+def test_head_shapes_odd_grids(grid, encoder_layers):
+    size = M2F_SIZES["toy"]
+    head = Mask2FormerHead(48, 7, type(size)(**{**size.__dict__, "encoder_layers": encoder_layers}))
+    h, w = grid
+    out = head([torch.randn(2, 48, h, w) for _ in range(4)])
+    assert out["pred_logits"].shape == (2, size.queries, 8)
+    assert out["pred_masks"].shape == (2, size.queries, 4 * h, 4 * w)
+    assert len(out["aux_outputs"]) == size.decoder_layers
+    assert all(a["pred_masks"].shape == out["pred_masks"].shape for a in out["aux_outputs"])
+
+
+@pytest.mark.parametrize("backbone, image_size", [("toy", (40, 56)), ("dinov2_s", (42, 70))])
+def test_model_shapes_and_class_scores(backbone, image_size):
+    """Both backbone families, grids of odd size (5×7 and 3×5 patches); semantic scores at image size."""
+    torch.manual_seed(0)
+    model = build_model("mask2former", backbone, 7, pretrained=False).eval()
+    size = M2F_SIZES[M2F_HEAD_SIZES[backbone]]
+    images = torch.randn(1, 3, *image_size)
+    h, w = image_size[0] // model.patch_size, image_size[1] // model.patch_size
+    captured = []  # one forward (CPU time): the raw outputs are caught on their way into class_scores
+    model.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        scores = class_scores(model, images)
+    out, = captured
+    assert model.arch == "mask2former" and model.num_classes == 7
+    assert out["pred_logits"].shape == (1, size.queries, 8)
+    assert out["pred_masks"].shape == (1, size.queries, 4 * h, 4 * w)
+    assert len(out["aux_outputs"]) == size.decoder_layers
+    assert scores.shape == (1, 7, *image_size) and bool((scores >= 0).all())
+    assert bool(scores.sum(1).le(size.queries).all())  # each query spreads at most probability 1 over K
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    n_head = sum(p.numel() for p in model.head.parameters())
+    assert n_backbone + n_head == sum(p.numel() for p in model.parameters())  # the two AdamW groups
+
+
+def test_every_backbone_has_a_head_size():
+    assert set(M2F_HEAD_SIZES) == set(BACKBONES) and set(M2F_HEAD_SIZES.values()) <= set(M2F_SIZES)
+
+
+def test_queries_with_empty_masks_attend_everywhere():
+    """A query whose mask is background at every pixel must not produce NaN through masked attention."""
+    head = Mask2FormerHead(48, 7, M2F_SIZES["toy"])
+    last = head.decoder.mask_embed[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-1.0)
+        head.pixel_decoder.mask_proj.weight.zero_()
+        head.pixel_decoder.mask_proj.bias.fill_(1.0)  # every mask logit = -D < 0
+    out = head([torch.randn(1, 48, 4, 4) for _ in range(4)])
+    assert bool(torch.isfinite(out["pred_logits"]).all())
+
+
+def test_training_step_reaches_every_head_parameter():
+    head = Mask2FormerHead(48, 7, M2F_SIZES["toy"])
+    out = head([torch.randn(2, 48, 6, 6) for _ in range(4)])
+    label = random_label(k=7, height=48, width=48)
+    losses = mask2former_loss(out, semantic_to_targets(label, 7), num_points=POINTS,
+                              valid_masks=list(label != 255))
+    losses["loss"].backward()
+    assert math.isfinite(losses["loss"].item())
+    assert [n for n, p in head.named_parameters() if p.grad is None] == []
+
+
+def test_parameter_count_of_the_l_head():
+    """SENSE's head on DINOv3-L taps (C = 1024), K = 19; built without the backbone."""
+    head = Mask2FormerHead(1024, 19, M2F_SIZES["L"])
+    count = sum(p.numel() for p in head.parameters())
+    print(f"Mask2Former L head (C=1024, K=19): {count / 1e6:.2f} M parameters")
+    assert 33.3e6 < count < 33.5e6
+    assert len(head.decoder.layers) == 9 and len(head.pixel_decoder.layers) == 6
