@@ -331,9 +331,20 @@ def class_scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     arch = getattr(model, "module", model).arch
     if arch == "dpt":
         return model(images)
-    out = model(images)
+    return mask2former_scores(model(images), images.shape[-2:])
+
+
+def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
+    """Mask2Former's semantic inference: Σ_q softmax(class_q)[:K] · sigmoid(mask_q) at `size`.
+
+    Args:
+        out: the model's dict with pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w).
+        size: (H, W) output size.
+    Returns:
+        (B, K, H, W) scores in [0, Q].
+    """
     # Mask logits are upsampled before the sigmoid, as in Mask2Former's semantic inference.
-    masks = F.interpolate(out["pred_masks"], size=images.shape[-2:], mode="bilinear", align_corners=False)
+    masks = F.interpolate(out["pred_masks"], size=tuple(size), mode="bilinear", align_corners=False)
     probs = out["pred_logits"].softmax(-1)[..., :-1]  # (B, Q, K): the last class is "no object"
     return torch.einsum("bqk,bqhw->bkhw", probs, masks.sigmoid())  # (B, K, H, W)
 

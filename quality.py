@@ -1,0 +1,662 @@
+"""What makes synthetic images effective, measured: scene density and instance fidelity (paper §3, the
+"dense vs sparse" and "fine vs coarse" studies and the quality ladder; DESIGN.md §4).
+
+Density = instances per image: connected components per class of a teacher's argmax prediction (any
+checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them.
+Fidelity = GLCM texture statistics (Haralick: contrast, homogeneity, energy, correlation, entropy) of
+the grey image and the JPEG compression ratio, both rising with high-frequency detail.
+
+    python data.py toy --root data/toy                                   # the toy world, if not there yet
+    python quality.py score --images data/toy/synthetic_dense_fine.txt --out runs/quality/scores.csv  # CPU, seconds
+    python quality.py score --images data/toy/synthetic.txt --teacher runs/toy/last.pt --out runs/quality/scores.csv
+    python quality.py select --scores runs/quality/scores.csv --by both --top 0.5 \
+        --out runs/quality/top.txt --sheet runs/quality/sheet.png
+    python quality.py ladder --scores runs/quality/scores.csv --out-dir runs/quality/ladder
+    python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes/last.pt --device cuda --out scores.csv
+
+Shapes: B images, H×W pixels, L grey levels, D distances, A angles, K classes, N = B*H*W pixels of a
+batch, E neighbour pairs.
+"""
+import argparse
+import csv
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from scipy.stats import rankdata
+from tqdm import tqdm
+
+import data
+import model
+
+# ITU-R 601-2 luma in 16-bit fixed point with rounding, exactly as PIL's Image.convert("L") computes it
+# (Pillow src/libImaging/Convert.c, L24): grey = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
+LUMA_WEIGHTS = (19595, 38470, 7471)
+# scikit-image's graycoprops treats a marginal standard deviation below this as zero (correlation = 1).
+ZERO_STD = 1e-15
+# Compression codec: JPEG (PIL/libjpeg) at quality 90 with 4:4:4 chroma. JPEG, not PNG: it is ~100x faster
+# at 1024x2048 and, being lossy, its size counts detail above the quantisation step rather than sensor
+# noise in the low bits; quality 90 keeps that step fine enough that fine texture still costs bytes, and
+# 4:4:4 keeps colour detail from being halved before it is measured.
+JPEG_QUALITY = 90
+JPEG_SUBSAMPLING = 0
+# GLCM work split: pixels per chunk of images (bounds the int32 copies to 64 MiB each), pairs per
+# torch.bincount call (= per thread task), and matrices per call (each L*L int64, 512 KiB at 256 levels).
+# Few large calls rather than many small ones: each call allocates its output, and many small allocations
+# were the slowest part on small images.
+CHUNK_PIXELS = 1 << 24
+PAIRS_PER_TASK = 1 << 21
+MAX_UNITS_PER_TASK = 32
+# Below this many pixels per image, JPEG encoding runs without a thread pool: threads would cost more than
+# the encoding they share.
+PARALLEL_MIN_PIXELS = 1 << 18
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GLCM_STATS = ("contrast", "homogeneity", "energy", "correlation", "entropy")
+# Direction in which each GLCM statistic grows with fine detail (sharp edges, texture): +1 or -1.
+FIDELITY_SIGN = {"contrast": 1, "entropy": 1, "homogeneity": -1, "energy": -1, "correlation": -1}
+CSV_FIELDS = ("image", "label", "instances", "classes", *GLCM_STATS, "compression")
+LADDER_SPLITS = ("sparse_coarse", "sparse_fine", "dense_coarse", "dense_fine")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    score = sub.add_parser("score", help="score a folder or split file of images into a CSV")
+    score.add_argument("--images", required=True, help="folder of images (recursive) or split file (.txt)")
+    score.add_argument("--out", required=True, help="CSV file to write")
+    score.add_argument("--teacher", default=None,
+                       help="train.py checkpoint whose EMA teacher predicts the layouts for density "
+                            "(default: none, fidelity only)")
+    score.add_argument("--min-area", type=float, default=5e-4,
+                       help="smallest component counted as an instance, as a fraction of the predicted map's pixels "
+                            "(default: 5e-4)")
+    score.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
+                       help="pixel neighbourhood of a connected component (default: 4)")
+    score.add_argument("--levels", type=int, default=256, help="GLCM grey levels, at most 256 (default: 256)")
+    score.add_argument("--distances", type=int, nargs="+", default=[1], help="GLCM pixel distances (default: 1)")
+    score.add_argument("--angles", type=float, nargs="+", default=[0.0, 45.0, 90.0, 135.0],
+                       help="GLCM angles in degrees (default: 0 45 90 135)")
+    score.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device (default: auto)")
+
+    for name, text in (("select", "write the top or bottom fraction by a score as a split file"),
+                       ("ladder", "write the sparse/dense x coarse/fine splits at matched sizes")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--scores", required=True, help="CSV written by `quality.py score`")
+        p.add_argument("--fidelity-stat", choices=GLCM_STATS, default="contrast",
+                       help="GLCM statistic ranked together with the compression ratio as fidelity (default: contrast)")
+        p.add_argument("--sheet", default=None, help="also draw a contact sheet of the extremes to this PNG")
+        p.add_argument("--sheet-n", type=int, default=8, help="images per row of the contact sheet (default: 8)")
+    select = sub.choices["select"]
+    select.add_argument("--by", choices=("density", "fidelity", "both"), required=True, help="score to rank by")
+    which = select.add_mutually_exclusive_group(required=True)
+    which.add_argument("--top", type=float, help="keep the highest-scoring fraction F in (0, 1]")
+    which.add_argument("--bottom", type=float, help="keep the lowest-scoring fraction F in (0, 1]")
+    select.add_argument("--out", required=True, help="split file to write")
+    sub.choices["ladder"].add_argument("--out-dir", required=True,
+                                       help="folder for the four <density>_<fidelity>.txt splits")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------- fidelity: GLCM and compression
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """Grey levels of uint8 images by ITU-R 601-2 luma, bit-exact with PIL's convert("L").
+
+    Args:
+        images: (B, 3, H, W) uint8 RGB, or (B, H, W) uint8 grey (returned unchanged).
+    Returns:
+        (B, H, W) uint8.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images: expected uint8, got {images.dtype}")
+    if images.dim() == 3:
+        return images
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected (B, H, W) grey or (B, 3, H, W) RGB, got {tuple(images.shape)}")
+    red, green, blue = (images[:, c].to(torch.int32) for c in range(3))  # (B, H, W) int32 each
+    luma = red.mul_(LUMA_WEIGHTS[0]).add_(green.mul_(LUMA_WEIGHTS[1])).add_(blue.mul_(LUMA_WEIGHTS[2]))  # < 2^24
+    luma.add_(1 << 15)  # round to nearest
+    return (luma >> 16).to(torch.uint8)
+
+
+def _offsets(distances, angles) -> list[tuple[int, int]]:
+    """(row, col) step of each (distance, angle) pair, in scikit-image's convention (angle 0 = right, pi/2 = down)."""
+    return [(round(math.sin(a) * d), round(math.cos(a) * d)) for d in distances for a in angles]
+
+
+def _pair_slices(H: int, W: int, dr: int, dc: int) -> tuple[tuple[slice, slice], tuple[slice, slice]] | None:
+    """Where the first and second pixel of each (r, c) -> (r + dr, c + dc) pair lie, or None if no pair fits."""
+    r0, r1, c0, c1 = max(0, -dr), min(H, H - dr), max(0, -dc), min(W, W - dc)
+    if r1 <= r0 or c1 <= c0:  # the offset leaves the image: no pairs, like scikit-image
+        return None
+    return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dr, r1 + dr), slice(c0 + dc, c1 + dc))
+
+
+def _histogram(grey: torch.Tensor, units: list[tuple[int, int, int]], levels: int) -> torch.Tensor:
+    """Co-occurrence counts of several (image, dr, dc) units of (b, H, W) int32 grey levels with one
+    torch.bincount: unit k's pair codes i * L + j, shifted by k * L * L, fill one int32 buffer.
+    Returns (len(units) * L * L,) int64."""
+    H, W = grey.shape[-2:]
+    bins = levels * levels
+    slices = [_pair_slices(H, W, dr, dc) for _, dr, dc in units]
+    sizes = [0 if s is None else (s[0][0].stop - s[0][0].start) * (s[0][1].stop - s[0][1].start) for s in slices]
+    code = torch.empty(sum(sizes), dtype=torch.int32, device=grey.device)  # (pairs,) one allocation for all units
+    position = 0
+    for k, ((b, _, _), pair, size) in enumerate(zip(units, slices, sizes)):
+        if pair is None:
+            continue
+        out = code[position:position + size].view(pair[0][0].stop - pair[0][0].start, -1)  # (h, w)
+        torch.add(grey[b][pair[1]], grey[b][pair[0]], alpha=levels, out=out)  # j + L * i
+        if k:
+            out.add_(k * bins)
+        position += size
+    return torch.bincount(code, minlength=len(units) * bins)
+
+
+@contextmanager
+def _intra_op_threads(threads: int | None):
+    """Run the block with torch's intra-op thread count set to threads (None: unchanged), then restore it.
+
+    The GLCM thread pool is the parallelism on CPU: letting its tasks (and the statistics after them) also
+    spread their small ops over every core oversubscribes the cores (measured on 2 shared cores: 99-174 ms
+    per 1024x2048 image instead of 53-84).
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def glcm_counts(images: torch.Tensor, levels: int = 256, distances=(1,),
+                angles=(0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4), *, workers: int | None = None) -> torch.Tensor:
+    """Grey-level co-occurrence counts, the batched equivalent of scikit-image's `graycomatrix`
+    (not symmetric, not normalised; i = level at a pixel, j = level at the pixel one offset away).
+
+    Levels below 256 quantise the uint8 grey value g to floor(g * levels / 256). Each pair becomes one
+    code i * L + j, counted by torch.bincount; on CPU the histograms of different (image, offset) units run
+    in a thread pool because bincount is a serial loop there.
+
+    Args:
+        images: (B, H, W) uint8 grey or (B, 3, H, W) uint8 RGB (made grey by `to_grey`).
+        levels: number of grey levels L, 2..256.
+        distances: D pixel distances.
+        angles: A angles in radians.
+        workers: CPU threads for the histograms, each running its ops on one intra-op thread
+            (default: torch.get_num_threads()).
+    Returns:
+        (B, D, A, L, L) int64 counts.
+    """
+    if not 2 <= levels <= 256:
+        raise ValueError(f"levels: expected 2..256, got {levels}")
+    grey = to_grey(images)  # (B, H, W) uint8
+    if levels < 256:
+        grey = ((grey.to(torch.int32) * levels) >> 8).to(torch.uint8)
+    offsets = _offsets(distances, angles)
+    # Images in chunks of at most CHUNK_PIXELS, so the int32 copies stay bounded; within a chunk, consecutive
+    # (image, offset) units are packed into tasks of about PAIRS_PER_TASK pairs: few allocations for small
+    # images, one task per offset for large ones so that the thread pool (CPU) has work to share.
+    per_image = max(1, grey.shape[-2] * grey.shape[-1])
+    chunk = max(1, CHUNK_PIXELS // per_image)
+    step = max(1, min(PAIRS_PER_TASK // per_image, MAX_UNITS_PER_TASK))
+    threads = (workers or torch.get_num_threads()) if grey.device.type == "cpu" else 1
+    counts = []
+    with ThreadPoolExecutor(threads) as pool, _intra_op_threads(1 if threads > 1 else None):
+        for start in range(0, grey.shape[0], chunk):
+            levels_int = grey[start:start + chunk].to(torch.int32)  # (b, H, W): codes need more than 8 bits
+            units = [(b, dr, dc) for b in range(levels_int.shape[0]) for dr, dc in offsets]
+            tasks = [units[k:k + step] for k in range(0, len(units), step)]
+            mapper = pool.map if threads > 1 and len(tasks) > 1 else map
+            counts += mapper(lambda task: _histogram(levels_int, task, levels), tasks)
+    counts = counts[0] if len(counts) == 1 else torch.cat(counts)  # (B * D * A * L * L,)
+    return counts.view(grey.shape[0], len(distances), len(angles), levels, levels)
+
+
+def glcm_stats(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Haralick statistics of the symmetric, normalised co-occurrence matrices, as scikit-image's
+    `graycoprops` defines them (entropy in nats).
+
+    Args:
+        counts: (..., L, L) co-occurrence counts (e.g. from `glcm_counts`).
+    Returns:
+        dict name -> (...) float64 for contrast, homogeneity, energy, correlation, entropy.
+    """
+    L = counts.shape[-1]
+    # Work on the symmetric counts S and divide scalars by their total N instead of normalising the matrix:
+    # one pass less over L*L entries, and the same numbers (P = S / N).
+    S = (counts + counts.transpose(-1, -2)).double()  # (..., L, L) symmetric counts, exact in float64
+    level = torch.arange(L, dtype=torch.float64, device=counts.device)
+    gap2 = (level[:, None] - level[None, :]).square().flatten()  # (L*L,) (i - j)^2
+    weights = torch.stack([gap2, 1.0 / (1.0 + gap2), torch.ones_like(gap2)], 1)  # (L*L, 3)
+    contrast, homogeneity, total = (S.flatten(-2) @ weights).unbind(-1)  # (...) each
+    total = total.clamp(min=1)  # an offset without pairs leaves an all-zero matrix, as in scikit-image
+    marginal = S.sum(-1) / total.unsqueeze(-1)  # (..., L): rows and columns agree because S is symmetric
+    mean = marginal @ level  # (...)
+    centred = level - mean.unsqueeze(-1)  # (..., L) i - mu
+    var = (marginal * centred.square()).sum(-1)  # (...)
+    cov = ((S @ centred.unsqueeze(-1)).squeeze(-1) * centred).sum(-1) / total  # (...) sum_ij P (i - mu)(j - mu)
+    std = var.sqrt()
+    correlation = torch.where(std < ZERO_STD, torch.ones_like(cov), cov / (std * std).clamp(min=ZERO_STD ** 2))
+    entropy = total.log() - torch.special.xlogy(S, S).sum((-1, -2)) / total  # -sum P ln P = ln N - sum S ln S / N
+    return {
+        "contrast": contrast / total,
+        "homogeneity": homogeneity / total,
+        "energy": torch.linalg.vector_norm(S.flatten(-2), dim=-1) / total,
+        "correlation": correlation,
+        "entropy": entropy,
+    }
+
+
+def glcm_features(images: torch.Tensor, levels: int = 256, distances=(1,),
+                  angles=(0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)) -> dict[str, torch.Tensor]:
+    """GLCM texture statistics per image, averaged over distances and angles; equal to scikit-image's
+    `graycomatrix(symmetric=True, normed=True)` + `graycoprops(...).mean()` on the same grey image.
+
+    Args:
+        images: (B, H, W) uint8 grey or (B, 3, H, W) uint8 RGB (grey = ITU-R 601-2 luma, as PIL "L").
+        levels: grey levels L (2..256; below 256 the grey value g becomes floor(g * L / 256)).
+        distances: pixel distances.
+        angles: angles in radians (0 = right neighbour, pi/2 = the pixel below).
+    Returns:
+        dict contrast, homogeneity, energy, correlation, entropy -> (B,) float64.
+    """
+    workers = torch.get_num_threads() if images.device.type == "cpu" else 1
+    with _intra_op_threads(1 if workers > 1 else None), ThreadPoolExecutor(workers) as pool:
+        counts = glcm_counts(images, levels, distances, angles, workers=workers)  # (B, D, A, L, L)
+        B, D, A = counts.shape[:3]
+        # the statistics of disjoint groups of matrices in parallel too (elementwise log is their main cost)
+        groups = counts.flatten(0, 2).tensor_split(min(workers, B * D * A))  # (m, L, L) each
+        parts = list(pool.map(glcm_stats, groups) if len(groups) > 1 else map(glcm_stats, groups))
+    return {name: torch.cat([part[name] for part in parts]).view(B, D, A).mean((1, 2)) for name in GLCM_STATS}
+
+
+def _jpeg_bytes(image: np.ndarray, quality: int) -> int:
+    """Size in bytes of one (H, W) or (H, W, 3) uint8 array encoded as JPEG."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, subsampling=JPEG_SUBSAMPLING)
+    return buffer.tell()
+
+
+def compression_ratio(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Tensor:
+    """Compressed bytes / raw bytes with JPEG at a fixed quality (4:4:4); more detail -> higher ratio.
+
+    Args:
+        images: (B, 3, H, W) uint8 RGB or (B, H, W) uint8 grey, on any device.
+        quality: JPEG quality 1..95 (default: 90).
+    Returns:
+        (B,) float64 on the images' device.
+    """
+    if images.dtype != torch.uint8 or images.dim() not in (3, 4):
+        raise ValueError(f"images: expected (B, H, W) or (B, 3, H, W) uint8, got {tuple(images.shape)} {images.dtype}")
+    arrays = images.permute(0, 2, 3, 1) if images.dim() == 4 else images  # (B, H, W[, 3])
+    arrays = list(arrays.cpu().contiguous().numpy())
+    if images.shape[-2] * images.shape[-1] >= PARALLEL_MIN_PIXELS:
+        # libjpeg releases the GIL while it encodes, so threads use every core
+        with ThreadPoolExecutor(max(1, min(len(arrays), torch.get_num_threads()))) as pool:
+            sizes = list(pool.map(lambda a: _jpeg_bytes(a, quality), arrays))
+    else:
+        sizes = [_jpeg_bytes(a, quality) for a in arrays]
+    raw = arrays[0].size if arrays else 1
+    return torch.tensor(sizes, dtype=torch.float64, device=images.device) / raw
+
+
+# ---------------------------------------------------------------- density: instances per image
+
+def connected_components(label: torch.Tensor, connectivity: int = 4, ignore_index: int = 255) -> torch.Tensor:
+    """Connected regions of equal label value (one region = one component of one class), batched.
+
+    Union-find on the pixel graph with tensor ops (hook every root to the smallest neighbouring root,
+    then compress paths), so it runs on the GPU next to the teacher; a handful of rounds for real
+    layouts. Pixels equal to ignore_index belong to no region.
+
+    Args:
+        label: (B, H, W) integer class map.
+        connectivity: 4 (edges) or 8 (edges and corners), as scipy.ndimage.label's default and full structures.
+        ignore_index: value that is no class.
+    Returns:
+        (B, H, W) int64: for each pixel, the flat index into the batch (b*H*W + r*W + c) of its component's
+        smallest pixel; -1 on ignored pixels.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity: expected 4 or 8, got {connectivity}")
+    B, H, W = label.shape
+    pixel = torch.arange(B * H * W, device=label.device).view(B, H, W)  # (B, H, W) flat ids
+    valid = label != ignore_index
+    steps = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])  # right, down, diagonals
+    us, vs = [pixel.new_empty(0)], [pixel.new_empty(0)]  # (E,) pieces; a 1x1 image has no pairs
+    for dr, dc in steps:
+        pair = _pair_slices(H, W, dr, dc)
+        if pair is None:
+            continue
+        (rows_a, cols_a), (rows_b, cols_b) = pair
+        same = (label[:, rows_a, cols_a] == label[:, rows_b, cols_b]) & valid[:, rows_a, cols_a]  # then both valid
+        us.append(pixel[:, rows_a, cols_a][same])
+        vs.append(pixel[:, rows_b, cols_b][same])
+    u, v = torch.cat(us), torch.cat(vs)  # (E,) each
+    parent = pixel.flatten().clone()  # (N,) every pixel its own root; parents only ever decrease
+    while u.numel():
+        root_u, root_v = parent[u], parent[v]
+        apart = root_u != root_v
+        u, v, root_u, root_v = u[apart], v[apart], root_u[apart], root_v[apart]  # joined pairs stay joined
+        if not u.numel():
+            break
+        # hook: each root points at the smallest root it touches (always smaller, so no cycles)
+        parent.scatter_reduce_(0, torch.maximum(root_u, root_v), torch.minimum(root_u, root_v), reduce="amin")
+        while True:  # compress: every pixel points straight at its root
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+    return torch.where(valid.flatten(), parent, -1).view(B, H, W)
+
+
+def count_instances(label: torch.Tensor, min_area: int = 1, connectivity: int = 4,
+                    ignore_index: int = 255) -> dict[str, torch.Tensor]:
+    """Instances per image: connected components per class of at least min_area pixels, and the number of
+    distinct classes among those components.
+
+    Args:
+        label: (B, H, W) integer class map (a teacher's argmax, or a true layout).
+        min_area: smallest component counted, in pixels.
+        connectivity: 4 or 8.
+        ignore_index: value that is no class.
+    Returns:
+        dict instances -> (B,) int64, classes -> (B,) int64.
+    """
+    B, H, W = label.shape
+    component = connected_components(label, connectivity, ignore_index).flatten()  # (N,) root ids, -1 ignored
+    counted = component >= 0
+    area = torch.bincount(component[counted], minlength=B * H * W)  # (N,) pixels per root
+    pixel = torch.arange(B * H * W, device=label.device)
+    keep = (component == pixel) & (area >= min_area)  # (N,) one True per kept component, at its root
+    image = pixel[keep] // (H * W)  # (instances,) image of each kept component
+    instances = torch.bincount(image, minlength=B)
+    cls = label.flatten()[keep].long()  # (instances,) class of each kept component
+    stride = int(cls.max()) + 1 if cls.numel() else 1
+    image_class = torch.unique(image * stride + cls)  # distinct (image, class) pairs
+    classes = torch.bincount(image_class // stride, minlength=B)
+    return {"instances": instances, "classes": classes}
+
+
+# ---------------------------------------------------------------- teacher
+
+def load_teacher(path: str | Path, device: torch.device) -> torch.nn.Module:
+    """The EMA teacher of a train.py checkpoint, in eval mode on device."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        args = checkpoint["args"]
+        # pretrained=False: the checkpoint holds every weight, so no backbone file is read first
+        teacher = model.build_model(args["arch"], args["backbone"], args["num_classes"], pretrained=False)
+        teacher.load_state_dict(checkpoint["ema"])
+    except (OSError, RuntimeError, KeyError, ValueError) as error:
+        raise ValueError(f"--teacher: {path} is not a readable train.py checkpoint with ema and args ({error})")
+    return teacher.eval().to(device)
+
+
+@torch.no_grad()  # scoring only: no graph
+def teacher_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Argmax class map of the teacher, at the image size rounded to the nearest patch multiple.
+
+    Args:
+        teacher: a model from model.build_model.
+        images: (B, 3, H, W) uint8 RGB on the teacher's device.
+    Returns:
+        (B, h, w) int64 class map, h and w the nearest multiples of the teacher's patch size.
+    """
+    patch = teacher.patch_size
+    H, W = images.shape[-2:]
+    size = (max(patch, round(H / patch) * patch), max(patch, round(W / patch) * patch))
+    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std  # (B, 3, H, W) normalised as in training
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, 3, h, w)
+    return model.class_scores(teacher, x).argmax(1)  # (B, h, w)
+
+
+# ---------------------------------------------------------------- score, select, ladder, sheet
+
+def list_images(source: str | Path) -> list[tuple[Path, Path | None]]:
+    """(image, label or None) of a folder (recursive) or a split file, in a fixed order."""
+    source = Path(source)
+    if source.is_dir():
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise ValueError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files under {source}")
+        return [(p, None) for p in images]
+    if source.suffix == ".txt" and source.is_file():
+        return data.read_split(source)
+    raise ValueError(f"--images: {source} is neither a folder of images nor a split file (.txt)")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto: cuda, then mps, then cpu; otherwise the named device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.Module | None = None,
+                 min_area: float = 5e-4, connectivity: int = 4, levels: int = 256, distances=(1,),
+                 angles=(0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4), device: torch.device | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Density and fidelity of each image (one at a time, so sizes may differ).
+
+    Args:
+        samples: (image path, label path or None) pairs.
+        teacher: model for density, or None (instances and classes are then NaN).
+        min_area: smallest instance as a fraction of the predicted map's pixels.
+        connectivity, levels, distances, angles: as in `count_instances` and `glcm_features`.
+        device: where the metrics run (default: cpu).
+        progress: show a tqdm bar.
+    Returns:
+        One dict per image with the CSV_FIELDS keys.
+    """
+    device = device or torch.device("cpu")
+    rows = []
+    for image_path, label_path in tqdm(samples, desc="score", unit="img", disable=not progress):
+        image = torch.from_numpy(data.load_image(image_path)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W)
+        # absolute paths, so select/ladder can run from any folder
+        row = {"image": str(Path(image_path).resolve()),
+               "label": "" if label_path is None else str(Path(label_path).resolve()),
+               "instances": math.nan, "classes": math.nan}
+        if teacher is not None:
+            label = teacher_labels(teacher, image)  # (1, h, w)
+            area = max(1, math.ceil(min_area * label.shape[-2] * label.shape[-1]))
+            row.update({k: int(v) for k, v in count_instances(label, area, connectivity).items()})
+        row.update({k: float(v) for k, v in glcm_features(image, levels, distances, angles).items()})
+        row["compression"] = float(compression_ratio(image)[0])
+        rows.append(row)
+    return rows
+
+
+def write_scores(rows: list[dict], path: str | Path) -> None:
+    """Scores CSV (CSV_FIELDS columns; empty instances/classes when no teacher was given)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    """Rows of a scores CSV, numbers as float (NaN where empty)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as error:
+        raise ValueError(f"--scores: cannot read {path} ({error.strerror})")
+    if not rows or set(CSV_FIELDS) - set(rows[0]):
+        raise ValueError(f"--scores: {path} is not a non-empty CSV with columns {', '.join(CSV_FIELDS)}")
+    numeric = CSV_FIELDS[2:]
+    return [{k: (float(v) if v else math.nan) if k in numeric else v for k, v in row.items()} for row in rows]
+
+
+def _percentile(values: np.ndarray) -> np.ndarray:
+    """Rank of each value scaled to [0, 1] (ties share their mean rank)."""
+    return (rankdata(values) - 1) / max(1, len(values) - 1)
+
+
+def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast") -> np.ndarray:
+    """One score per row in [0, 1], higher = denser / finer.
+
+    density = percentile of instances; fidelity = mean percentile of the GLCM statistic (signed so that
+    more detail ranks higher) and the compression ratio; both = mean of the two.
+
+    Args:
+        rows: scores as from `read_scores`.
+        by: "density", "fidelity" or "both".
+        fidelity_stat: GLCM statistic used in fidelity.
+    Returns:
+        (len(rows),) float64.
+    """
+    column = lambda name: np.array([row[name] for row in rows], dtype=np.float64)  # noqa: E731
+    if by in ("density", "both") and np.isnan(column("instances")).any():
+        raise ValueError("--scores: no instance counts in this file; score it with --teacher CKPT to rank by density")
+    density = _percentile(column("instances"))
+    fidelity = (_percentile(FIDELITY_SIGN[fidelity_stat] * column(fidelity_stat))
+                + _percentile(column("compression"))) / 2
+    return {"density": density, "fidelity": fidelity, "both": (density + fidelity) / 2}[by]
+
+
+def write_split(rows: list[dict], path: str | Path) -> None:
+    """Split file of the rows' images (and labels), paths relative to the split file's folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in rows:
+        entries = [row["image"]] + ([row["label"]] if row["label"] else [])
+        lines.append(" ".join(os.path.relpath(Path(p).resolve(), path.parent.resolve()) for p in entries))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def select(rows: list[dict], score: np.ndarray, fraction: float, top: bool) -> list[dict]:
+    """The highest (top=True) or lowest round(fraction * n) rows by score, best first when top."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--{'top' if top else 'bottom'}: expected a fraction in (0, 1], got {fraction}")
+    order = np.argsort(-score if top else score, kind="stable")
+    return [rows[i] for i in order[:max(1, round(fraction * len(rows)))]]
+
+
+def ladder(rows: list[dict], fidelity_stat: str = "contrast") -> dict[str, list[dict]]:
+    """The paper's 2x2 quality ladder at matched sizes: split by density at the median into sparse and
+    dense halves, then each half by fidelity into its coarse and fine quarters (n // 4 images each, so
+    coarse and fine have similar density).
+
+    Args:
+        rows: scores with instance counts.
+        fidelity_stat: GLCM statistic used in fidelity.
+    Returns:
+        dict sparse_coarse, sparse_fine, dense_coarse, dense_fine -> rows.
+    """
+    quarter = len(rows) // 4
+    if quarter == 0:
+        raise ValueError(f"--scores: the ladder needs at least 4 images, got {len(rows)}")
+    density = rank_scores(rows, "density")
+    fidelity = rank_scores(rows, "fidelity", fidelity_stat)
+    by_density = np.argsort(density, kind="stable")
+    halves = {"sparse": by_density[:2 * quarter], "dense": by_density[-2 * quarter:]}
+    splits = {}
+    for name, half in halves.items():
+        by_fidelity = half[np.argsort(fidelity[half], kind="stable")]
+        splits[f"{name}_coarse"] = [rows[i] for i in by_fidelity[:quarter]]
+        splits[f"{name}_fine"] = [rows[i] for i in by_fidelity[-quarter:]]
+    return splits
+
+
+def contact_sheet(rows: list[dict], score: np.ndarray, path: str | Path, n: int = 8, height: int = 128) -> None:
+    """PNG with the n highest-scoring images on the top row and the n lowest below, each captioned with
+    its score, instances, GLCM contrast and compression ratio."""
+    order = np.argsort(-score, kind="stable")
+    n = min(n, len(rows))
+    lines = [("highest", order[:n]), ("lowest", order[::-1][:n])]
+    caption = 28  # pixels of text under each tile
+    tiles = []
+    for _, indices in lines:
+        row_tiles = []
+        for i in indices:
+            image = Image.fromarray(data.load_image(rows[i]["image"]))
+            width = max(1, round(image.width * height / image.height))
+            tile = Image.new("RGB", (width, height + caption), "white")
+            tile.paste(image.resize((width, height), Image.BILINEAR), (0, 0))
+            draw = ImageDraw.Draw(tile)
+            instances = "-" if math.isnan(rows[i]["instances"]) else f"{rows[i]['instances']:.0f}"
+            draw.text((2, height + 1), f"score {score[i]:.2f}  inst {instances}", fill="black")
+            draw.text((2, height + 14), f"con {rows[i]['contrast']:.0f}  cr {rows[i]['compression']:.3f}", fill="black")
+            row_tiles.append(tile)
+        tiles.append(row_tiles)
+    width = max(sum(t.width for t in row_tiles) for row_tiles in tiles)
+    sheet = Image.new("RGB", (width, len(tiles) * (height + caption)), "white")
+    for r, row_tiles in enumerate(tiles):
+        x = 0
+        for tile in row_tiles:
+            sheet.paste(tile, (x, r * (height + caption)))
+            x += tile.width
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def _summary(splits: dict[str, list[dict]], fidelity_stat: str) -> str:
+    """Table of each split's size and mean instances, GLCM statistic and compression ratio."""
+    lines = [f"{'split':<16}{'images':>8}{'instances':>11}{fidelity_stat:>13}{'compression':>13}"]
+    for name, rows in splits.items():
+        mean = lambda key: float(np.mean([row[key] for row in rows])) if rows else math.nan  # noqa: E731
+        lines.append(f"{name:<16}{len(rows):>8}{mean('instances'):>11.2f}{mean(fidelity_stat):>13.4g}"
+                     f"{mean('compression'):>13.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        if args.command == "score":
+            device = pick_device(args.device)
+            samples = list_images(args.images)
+            teacher = None if args.teacher is None else load_teacher(args.teacher, device)
+            rows = score_images(samples, teacher=teacher, min_area=args.min_area, connectivity=args.connectivity,
+                                levels=args.levels, distances=tuple(args.distances),
+                                angles=tuple(math.radians(a) for a in args.angles), device=device)
+            write_scores(rows, args.out)
+            print(_summary({"all": rows}, "contrast"))
+            print(f"wrote {len(rows)} rows to {args.out}")
+            return
+        rows = read_scores(args.scores)
+        if args.command == "select":
+            score = rank_scores(rows, args.by, args.fidelity_stat)
+            top = args.top is not None
+            chosen = select(rows, score, args.top if top else args.bottom, top)
+            write_split(chosen, args.out)
+            print(_summary({"all": rows, "selected": chosen}, args.fidelity_stat))
+            print(f"wrote {len(chosen)} of {len(rows)} images to {args.out}")
+        else:
+            splits = ladder(rows, args.fidelity_stat)
+            for name, split_rows in splits.items():
+                write_split(split_rows, Path(args.out_dir) / f"{name}.txt")
+            print(_summary(splits, args.fidelity_stat))
+            print(f"wrote {', '.join(LADDER_SPLITS)} ({len(splits['dense_fine'])} images each) to {args.out_dir}")
+            score = rank_scores(rows, "both", args.fidelity_stat)
+        if args.sheet:
+            contact_sheet(rows, score, args.sheet, args.sheet_n)
+            print(f"wrote contact sheet {args.sheet}")
+    except (ValueError, data.DataError) as error:
+        raise SystemExit(str(error))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""quality.py: GLCM and grey conversion against scikit-image and PIL, compression ratio under blur, connected
+components against scipy, the density/fidelity ordering of the toy world's synthetic splits, and the CLI."""
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from scipy import ndimage
+from skimage import data as skdata
+from skimage.feature import graycomatrix, graycoprops
+
+import data
+import model
+import quality
+
+ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run on one intra-op thread: on a shared 2-core machine a second thread mostly waits for a core
+    (measured 10x slower under load). test_glcm_thread_pool_matches_serial covers the threaded path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _batch(images: list[np.ndarray]) -> torch.Tensor:
+    """(B, 3, H, W) or (B, H, W) uint8 tensor from same-size HWC / HW arrays."""
+    stacked = torch.from_numpy(np.stack(images))
+    return stacked.permute(0, 3, 1, 2).contiguous() if stacked.dim() == 4 else stacked
+
+
+def _check_against_skimage(images: torch.Tensor, levels: int, distances, angles) -> None:
+    grey = quality.to_grey(images).numpy()
+    if levels < 256:  # the quantisation glcm_features states: floor(g * L / 256)
+        grey = (grey.astype(np.int32) * levels >> 8).astype(np.uint8)
+    counts = quality.glcm_counts(images, levels, distances, angles)  # (B, D, A, L, L)
+    features = quality.glcm_features(images, levels, distances, angles)
+    for b, image in enumerate(grey):
+        reference = graycomatrix(image, distances, angles, levels=levels)  # (L, L, D, A)
+        assert np.array_equal(counts[b].permute(2, 3, 0, 1).numpy(), reference)
+        normed = graycomatrix(image, distances, angles, levels=levels, symmetric=True, normed=True)
+        for name in quality.GLCM_STATS:
+            assert features[name][b].item() == pytest.approx(graycoprops(normed, name).mean(), abs=1e-6), name
+        # entropy also straight from scikit-image's matrix, not only through graycoprops
+        entropy = -(normed * np.log(np.where(normed > 0, normed, 1))).sum((0, 1)).mean()
+        assert features["entropy"][b].item() == pytest.approx(entropy, abs=1e-6)
+
+
+def test_grey_is_pil_luma():
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 31, 47, 3), dtype=np.uint8)
+    rgb[1, :8, :8] = 255  # the top of the range rounds correctly too
+    grey = quality.to_grey(_batch(list(rgb))).numpy()
+    for image, ours in zip(rgb, grey):
+        assert np.array_equal(ours, np.asarray(Image.fromarray(image).convert("L")))
+    photo = skdata.astronaut()
+    assert np.array_equal(quality.to_grey(_batch([photo]))[0].numpy(), np.asarray(Image.fromarray(photo).convert("L")))
+
+
+@pytest.mark.parametrize("levels, distances, angles", [
+    (256, (1,), ANGLES),
+    (16, (1, 3), ANGLES + (math.pi,)),
+    (8, (100,), (0.0, math.pi / 2)),  # offset longer than the image: empty matrices, correlation 1
+])
+def test_glcm_matches_skimage_on_random_images(levels, distances, angles):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 37, 53, 3), dtype=np.uint8)
+    images[1] = 77  # a constant image: zero standard deviation
+    images[2] = np.repeat(rng.integers(0, 256, (37, 1, 1), dtype=np.uint8), 53, 1)  # constant rows
+    _check_against_skimage(_batch(list(images)), levels, distances, angles)
+    grey = rng.integers(0, 256, (2, 20, 30), dtype=np.uint8)  # (B, H, W) grey input path
+    _check_against_skimage(_batch(list(grey)), levels, distances, angles)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "camera"])
+def test_glcm_matches_skimage_on_photographs(name):
+    photo = getattr(skdata, name)()  # bundled with scikit-image, no download
+    _check_against_skimage(_batch([photo]), 256, (1,), ANGLES)
+
+
+def test_glcm_thread_pool_matches_serial(monkeypatch):
+    images = torch.from_numpy(np.random.default_rng(4).integers(0, 256, (3, 3, 40, 50), dtype=np.uint8))
+    serial = quality.glcm_counts(images)
+    monkeypatch.setattr(quality, "PAIRS_PER_TASK", 4000)  # two (image, offset) units per bincount call
+    monkeypatch.setattr(quality, "CHUNK_PIXELS", 4000)  # two images per chunk
+    serial_features = quality.glcm_features(images)
+    torch.set_num_threads(2)
+    assert torch.equal(quality.glcm_counts(images), serial)
+    for name, value in quality.glcm_features(images).items():  # statistics in two groups of matrices
+        torch.testing.assert_close(value, serial_features[name], rtol=1e-12, atol=1e-12)
+
+
+def test_compression_ratio_falls_under_blur():
+    photo = Image.fromarray(skdata.astronaut())
+    blurred = [np.asarray(photo.filter(ImageFilter.GaussianBlur(sigma))) for sigma in (0, 1, 2, 4)]
+    ratio = quality.compression_ratio(_batch(blurred))
+    assert ratio.shape == (4,)
+    assert (ratio[1:] < ratio[:-1]).all() and 0 < ratio[-1] and ratio[0] < 1
+    grey = quality.compression_ratio(quality.to_grey(_batch(blurred)))
+    assert (grey[1:] < grey[:-1]).all()
+    # the GLCM agrees: blurring lowers the contrast
+    contrast = quality.glcm_features(_batch(blurred))["contrast"]
+    assert (contrast[1:] < contrast[:-1]).all()
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_components_match_scipy(connectivity):
+    rng = np.random.default_rng(2)
+    label = rng.integers(0, 4, (3, 29, 41))
+    label[1] = ndimage.zoom(rng.integers(0, 4, (4, 6)), (29 / 4, 41 / 6), order=0)[:29, :41]  # large regions
+    label[rng.random(label.shape) < 0.1] = 255
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    component = quality.connected_components(torch.from_numpy(label), connectivity).numpy()
+    for min_area in (1, 4):
+        counts = quality.count_instances(torch.from_numpy(label), min_area, connectivity)
+        for b in range(label.shape[0]):
+            instances, classes = 0, 0
+            for k in range(4):
+                regions, n = ndimage.label(label[b] == k, structure)
+                area = np.bincount(regions.ravel())[1:]
+                instances += int((area >= min_area).sum())
+                classes += int((area >= min_area).any())
+                if min_area == 1 and n:  # same partition: scipy's regions and ours map one to one
+                    inside = regions > 0
+                    pairs = set(zip(regions[inside].tolist(), component[b][inside].tolist()))
+                    assert len(pairs) == n == len(np.unique(component[b][inside]))
+            assert counts["instances"][b].item() == instances
+            assert counts["classes"][b].item() == classes
+    assert (component[label == 255] == -1).all()
+
+
+def test_toy_dense_and_fine_splits_score_higher():
+    """Density and fidelity measured on the images (and, for density, on their true layouts standing in for
+    a trained teacher's prediction), not read from the generator's settings. The scenes are rendered in memory
+    with the toy world's own generator and seeds (the files data.py writes hold the same scenes as JPEG)."""
+    n = 8
+    splits = list(data.TOY_SPLITS)
+    scores = {}
+    for density in ("sparse", "dense"):
+        for fidelity in ("coarse", "fine"):
+            split = f"synthetic_{density}_{fidelity}"
+            scenes = [data.render_toy_scene(np.random.default_rng([data.TOY_SEED, splits.index(split), i]),
+                                            data.TOY_SPLITS[split]) for i in range(n)]
+            images = _batch([image for image, _ in scenes])  # (n, 3, S, S)
+            layouts = torch.from_numpy(np.stack([layout for _, layout in scenes]))  # (n, S, S)
+            scores[density, fidelity] = {
+                "instances": quality.count_instances(layouts, min_area=4)["instances"].double().mean().item(),
+                "contrast": quality.glcm_features(images)["contrast"].mean().item(),
+                "compression": quality.compression_ratio(images).mean().item(),
+            }
+    for fidelity in ("coarse", "fine"):
+        assert scores["dense", fidelity]["instances"] > scores["sparse", fidelity]["instances"]
+    for density in ("sparse", "dense"):
+        for metric in ("contrast", "compression"):
+            assert scores[density, "fine"][metric] > scores[density, "coarse"][metric], (density, metric)
+
+
+def test_cli_score_select_ladder(tmp_path):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    smooth = ndimage.zoom(rng.integers(0, 256, (4, 6, 3)), (12, 12, 1), order=1).astype(np.uint8)  # (48, 72, 3)
+    for i in range(4):  # images 0..3 carry more and more noise: rising fidelity scores
+        noise = rng.normal(0, 16 * i, smooth.shape)
+        Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    teacher = model.build_model("dpt", "toy", 3, pretrained=False)
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": teacher.state_dict(), "ema": teacher.state_dict(), "step": 0,
+                "args": {"dataset": "toy", "arch": "dpt", "backbone": "toy", "num_classes": 3}}, checkpoint)
+
+    quality.main(["score", "--images", str(folder), "--teacher", str(checkpoint), "--out", str(tmp_path / "s.csv")])
+    rows = quality.read_scores(tmp_path / "s.csv")
+    assert len(rows) == 4 and all(row["instances"] >= 1 and 1 <= row["classes"] <= 3 for row in rows)
+
+    quality.main(["select", "--scores", str(tmp_path / "s.csv"), "--by", "fidelity", "--top", "0.25",
+                  "--out", str(tmp_path / "split" / "fine.txt"), "--sheet", str(tmp_path / "sheet.png")])
+    chosen = data.read_split(tmp_path / "split" / "fine.txt")
+    assert [path.resolve().name for path, _ in chosen] == ["3.png"]
+    assert Image.open(tmp_path / "sheet.png").size[1] > 0
+
+    quality.main(["ladder", "--scores", str(tmp_path / "s.csv"), "--out-dir", str(tmp_path / "ladder")])
+    splits = {name: data.read_split(tmp_path / "ladder" / f"{name}.txt") for name in quality.LADDER_SPLITS}
+    assert all(len(split) == 1 for split in splits.values())
+    assert len({path.resolve() for split in splits.values() for path, _ in split}) == 4
+    by_name = {Path(row["image"]).name: row for row in rows}
+    picked = {name: by_name[split[0][0].resolve().name] for name, split in splits.items()}
+    for half in ("sparse", "dense"):  # fine = the noisier image of its half (higher contrast)
+        assert picked[f"{half}_fine"]["contrast"] > picked[f"{half}_coarse"]["contrast"]
+    assert min(picked["dense_coarse"]["instances"], picked["dense_fine"]["instances"]) >= max(
+        picked["sparse_coarse"]["instances"], picked["sparse_fine"]["instances"])
+
+    quality.main(["score", "--images", str(folder), "--out", str(tmp_path / "fidelity_only.csv")])
+    with pytest.raises(SystemExit, match="--teacher"):
+        quality.main(["select", "--scores", str(tmp_path / "fidelity_only.csv"), "--by", "density", "--top", "0.5",
+                      "--out", str(tmp_path / "x.txt")])
+    with pytest.raises(SystemExit, match="--images"):
+        quality.main(["score", "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "y.csv")])
