@@ -1,7 +1,7 @@
 """Datasets, split files, the toy world and the weak/strong augmentation of SENSE.
 
-Paper: §3 (real labelled images + unlabelled synthetic images trained together; weak view for the EMA teacher,
-strong view + CutMix for the student) and §4.1 (sparse/dense scenes, coarse/fine fidelity). Recipe and data
+Paper: the method (real labelled images + unlabelled synthetic images trained together; weak view for the EMA
+teacher, strong view + CutMix for the student) and the dual-factor analysis (sparse/dense scenes, coarse/fine fidelity). Recipe and data
 conventions: DESIGN.md §2.3 and §3.
 
     python data.py toy --root data/toy --preview toy.png      # CPU, a few seconds: the toy world and a picture
@@ -534,7 +534,7 @@ TOY_SIZE = 128  # image side in pixels: big enough for a 96 crop of a patch-8 Vi
 TOY_SEED = 0
 TOY_VERSION = 1  # bump when the generator changes, so stale worlds are regenerated
 TOY_JPEG_QUALITY = 95  # with 4:4:4 chroma: the fine textures survive compression
-TOY_DEFAULT_SYNTHETIC = "synthetic_dense_fine"  # what synthetic.txt lists: the paper's preferred kind (§4.1)
+TOY_DEFAULT_SYNTHETIC = "synthetic_dense_fine"  # what synthetic.txt lists: the paper's preferred kind (dense, fine)
 
 
 @dataclass(frozen=True)

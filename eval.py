@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
-from model import build_model, class_scores
+from model import class_scores, load_checkpoint_model, pick_device
 
 MODES = ("single", "slide", "ms")
 MS_SCALES = (1.0, 1.25)  # multi-scale test scales (UniMatch V2 / SENSE evaluation)
@@ -214,52 +214,6 @@ def format_table(result: dict, class_names: tuple[str, ...]) -> str:
     lines.append(f"{'mIoU':<{width}}  {result['miou']:6.2f}")
     lines.append(f"{'pixel acc':<{width}}  {result['acc']:6.2f}")
     return "\n".join(lines)
-
-
-def load_checkpoint_model(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict]:
-    """Rebuild the model stored in a train.py checkpoint.
-
-    Args:
-        path: checkpoint file (torch.save dict with model, ema, args).
-        weights: "ema" (the teacher, the evaluated model) or "model" (the student).
-    Returns:
-        (model in eval mode on the CPU, the checkpoint's args dict).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--checkpoint: {path} not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip or weights-only errors all mean: not a train.py checkpoint
-        raise ValueError(f"--checkpoint: {path} is not a readable train.py checkpoint "
-                         f"({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"--checkpoint: {path} holds a {type(checkpoint).__name__}, not a train.py checkpoint dict")
-    args = checkpoint.get("args", {})
-    missing = [key for key in (weights, "args") if key not in checkpoint]
-    missing += [f"args.{key}" for key in ("dataset", "data_root", "arch", "backbone", "num_classes") if key not in args]
-    if missing:
-        raise ValueError(f"--checkpoint: {path} has no {', '.join(missing)} (expected a train.py checkpoint)")
-    # pretrained=False: the checkpoint holds every weight, official files are neither needed nor read
-    model = build_model(args["arch"], args["backbone"], args["num_classes"], pretrained=False)
-    try:
-        model.load_state_dict(checkpoint[weights])
-    except RuntimeError as error:  # torch's message: a header, then one line per kind of mismatch
-        detail = [line.strip() for line in str(error).splitlines() if line.strip()][1:2] or [""]
-        raise ValueError(f"--checkpoint: {path} '{weights}' does not fit {args['arch']}/{args['backbone']}: "
-                         f"{detail[0][:200]}") from None
-    return model.eval(), args
-
-
-def pick_device(name: str) -> torch.device:
-    """--device auto: cuda, then mps, then cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def _list_images(folder: Path) -> list[Path]:

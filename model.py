@@ -1,6 +1,6 @@
 """Segmentation models: ViT backbones (timm DINOv2 / DINOv3, a tiny toy ViT), the DPT head, official weights.
 
-Paper: SENSE §4 "Implementation details" (DINOv2 + DPT pixel classifier, Mask2Former query classifier);
+Paper: SENSE, "unified support for pixel-based and query-based segmenters" (DINOv2 + DPT, Mask2Former);
 DPT head from Ranftl et al., "Vision Transformers for Dense Prediction" (ICCV 2021), Fig. 1;
 DESIGN.md §2.2. Everything asks for a backbone by its name in `BACKBONES`; eval.py and quality.py rebuild
 a model from the name stored in a checkpoint.
@@ -17,6 +17,7 @@ D backbone width, F fusion width, O_i reassemble width of level i, Q queries.
 """
 import argparse
 import math
+import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -310,11 +311,7 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
     if arch == "dpt":
         model = DPT(vit, spec, num_classes)
     else:
-        # build_mask2former(vit, spec, num_classes) lives in the Mask2Former section at the end of this file.
-        builder = globals().get("build_mask2former")
-        if builder is None:
-            raise ValueError("--arch: mask2former is not available in this version of model.py")
-        model = builder(vit, spec, num_classes)
+        model = build_mask2former(vit, spec, num_classes)  # the Mask2Former section below
     model.pretrained_file = None if path is None else str(path)
     return model
 
@@ -347,6 +344,52 @@ def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
     masks = F.interpolate(out["pred_masks"], size=tuple(size), mode="bilinear", align_corners=False)
     probs = out["pred_logits"].softmax(-1)[..., :-1]  # (B, Q, K): the last class is "no object"
     return torch.einsum("bqk,bqhw->bkhw", probs, masks.sigmoid())  # (B, K, H, W)
+
+
+def load_checkpoint_model(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in a train.py checkpoint.
+
+    Args:
+        path: checkpoint file (torch.save dict with model, ema, args).
+        weights: "ema" (the teacher, the evaluated model) or "model" (the student).
+    Returns:
+        (model in eval mode on the CPU, the checkpoint's args dict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--checkpoint: {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle, zip or weights-only errors all mean: not a train.py checkpoint
+        raise ValueError(f"--checkpoint: {path} is not a readable train.py checkpoint "
+                         f"({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"--checkpoint: {path} holds a {type(checkpoint).__name__}, not a train.py checkpoint dict")
+    args = checkpoint.get("args", {})
+    missing = [key for key in (weights, "args") if key not in checkpoint]
+    missing += [f"args.{key}" for key in ("arch", "backbone", "num_classes") if key not in args]
+    if missing:
+        raise ValueError(f"--checkpoint: {path} has no {', '.join(missing)} (expected a train.py checkpoint)")
+    # pretrained=False: the checkpoint holds every weight, official files are neither needed nor read
+    model = build_model(args["arch"], args["backbone"], args["num_classes"], pretrained=False)
+    try:
+        model.load_state_dict(checkpoint[weights])
+    except RuntimeError as error:  # torch's message: a header, then one line per kind of mismatch
+        detail = [line.strip() for line in str(error).splitlines() if line.strip()][1:2] or [""]
+        raise ValueError(f"--checkpoint: {path} '{weights}' does not fit {args['arch']}/{args['backbone']}: "
+                         f"{detail[0][:200]}") from None
+    return model.eval(), args
+
+
+def pick_device(name: str) -> torch.device:
+    """--device auto: cuda (this rank's LOCAL_RANK under torchrun), then mps, then cpu; else the named device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,4 +1,5 @@
-"""Optimal-transport pseudo-labels for semantic segmentation (SENSE, ICML 2026, §3.2 "OT assignment").
+"""Optimal-transport pseudo-labels for semantic segmentation (SENSE, ICML 2026, method:
+"OT assignment for stable synthetic pseudo-labels").
 
 This file imports torch and math only: copy it into any project. (POT, the optimal-transport library,
 is also imported as `ot`: next to POT, rename this file, e.g. to `sense_ot.py`.)

@@ -1,5 +1,5 @@
-"""What makes synthetic images effective, measured: scene density and instance fidelity (paper §3, the
-"dense vs sparse" and "fine vs coarse" studies and the quality ladder; DESIGN.md §4).
+"""What makes synthetic images effective, measured: scene density and instance fidelity (the paper's
+dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; DESIGN.md §4).
 
 Density = instances per image: connected components per class of a teacher's argmax prediction (any
 checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them.
@@ -393,14 +393,10 @@ def count_instances(label: torch.Tensor, min_area: int = 1, connectivity: int = 
 def load_teacher(path: str | Path, device: torch.device) -> torch.nn.Module:
     """The EMA teacher of a train.py checkpoint, in eval mode on device."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        args = checkpoint["args"]
-        # pretrained=False: the checkpoint holds every weight, so no backbone file is read first
-        teacher = model.build_model(args["arch"], args["backbone"], args["num_classes"], pretrained=False)
-        teacher.load_state_dict(checkpoint["ema"])
-    except (OSError, RuntimeError, KeyError, ValueError) as error:
-        raise ValueError(f"--teacher: {path} is not a readable train.py checkpoint with ema and args ({error})")
-    return teacher.eval().to(device)
+        teacher, _ = model.load_checkpoint_model(path, weights="ema")
+    except ValueError as error:
+        raise ValueError(str(error).replace("--checkpoint", "--teacher", 1)) from None
+    return teacher.to(device)
 
 
 @torch.no_grad()  # scoring only: no graph
@@ -436,17 +432,6 @@ def list_images(source: str | Path) -> list[tuple[Path, Path | None]]:
     if source.suffix == ".txt" and source.is_file():
         return data.read_split(source)
     raise ValueError(f"--images: {source} is neither a folder of images nor a split file (.txt)")
-
-
-def pick_device(name: str) -> torch.device:
-    """--device auto: cuda, then mps, then cpu; otherwise the named device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.Module | None = None,
@@ -626,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         if args.command == "score":
-            device = pick_device(args.device)
+            device = model.pick_device(args.device)
             samples = list_images(args.images)
             teacher = None if args.teacher is None else load_teacher(args.teacher, device)
             rows = score_images(samples, teacher=teacher, min_area=args.min_area, connectivity=args.connectivity,

@@ -1,6 +1,6 @@
 """SENSE training: real labelled images + synthetic images with OT pseudo-labels from an EMA teacher.
 
-Paper: SENSE (ICML 2026) §3.2 (OT assignment), §3.3 (pixel- and query-based segmenters), §4 (recipe);
+Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segmenters", "loss & training";
 DESIGN.md §2.3 (one iteration, step by step) and §2.4 (Mask2Former branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 import data
 import model as models
-from eval import evaluate, format_table, pick_device
+from eval import evaluate, format_table
 from ot import ot_pseudo_labels, soft_cross_entropy
 
 # Per-dataset presets (paper §4 / DESIGN.md §2.3). Flags left unset take these values.
 DATASET_PRESETS = {
     #              crop (dpt, m2f), epochs, batch per stream, OHEM, teacher TTA
-    "toy": dict(crop={"dpt": 96, "mask2former": 96}, epochs=16, batch_size=8, ohem=False, tta="flip"),
+    "toy": dict(crop={"dpt": 96, "mask2former": 96}, epochs=12, batch_size=8, ohem=False, tta="flip"),
     "cityscapes": dict(crop={"dpt": 798, "mask2former": 768}, epochs=180, batch_size=8, ohem=True, tta="flip"),
     "ade20k": dict(crop={"dpt": 518, "mask2former": 640}, epochs=60, batch_size=8, ohem=False, tta="scales"),
     "coco": dict(crop={"dpt": 518, "mask2former": 640}, epochs=20, batch_size=16, ohem=False, tta="scales"),
@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--val-split", default="val", help="evaluation split (default: val)")
     g.add_argument("--crop-size", type=int, default=None, help="c, square crop (default: preset, e.g. 798 Cityscapes DPT)")
     g.add_argument("--ade-reduced", action="store_true", help="ADE20K masks are already 0..149 (default: raw 0..150)")
-    g.add_argument("--workers", type=int, default=2, help="data loader workers per stream (default: 2)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data loader workers per stream (default: 4 on CUDA, 0 on CPU, where they compete with the model)")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="dpt", choices=models.ARCHS, help="segmenter (default: dpt)")
     g.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
@@ -335,7 +336,8 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = pick_device(args.device)
+    device = models.pick_device(args.device)
+    args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -415,8 +417,8 @@ def main(argv=None) -> None:
             print(f"resumed from {resume} at step {start}")
     elif resume is not None and args.resume != "auto":
         raise ValueError(f"--resume {resume}: checkpoint not found")
-    net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=args.lock_backbone) if distributed else student
+    device_ids = [device.index] if device.type == "cuda" else None
+    net = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if distributed else student
 
     def checkpoint(step: int) -> None:
         if is_main:
@@ -481,8 +483,9 @@ def main(argv=None) -> None:
                 if ohem:
                     loss_x, n_x = ohem_cross_entropy(pred_x, label_x, OHEM_THRESH, OHEM_MIN_KEPT)
                 else:
-                    loss_x = F.cross_entropy(pred_x.float(), label_x, ignore_index=data.IGNORE_INDEX)
-                    n_x = int((label_x != data.IGNORE_INDEX).sum())
+                    n_x = int((label_x != data.IGNORE_INDEX).sum())  # sum / count: a crop of padding only gives 0
+                    loss_x = F.cross_entropy(pred_x.float(), label_x, ignore_index=data.IGNORE_INDEX,
+                                             reduction="sum") / max(n_x, 1)
                 loss_x = ddp_mean(loss_x, n_x, device)
             else:
                 loss_x = models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, K))["loss"]
