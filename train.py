@@ -195,8 +195,10 @@ class Seeded(torch.utils.data.Dataset):
 def make_loader(dataset, *, batch: int, start: int, steps: int, seed: int, rank: int, world: int, workers: int,
                 pin: bool) -> torch.utils.data.DataLoader:
     sampler = StepSampler(len(dataset), batch=batch, start=start, steps=steps, seed=seed, rank=rank, world=world)
+    # A generator of its own: a DataLoader draws its workers' base seed from it, which would otherwise shift the
+    # global RNG (used by the Mask2Former point sampling) and break resume = uninterrupted run.
     return torch.utils.data.DataLoader(Seeded(dataset), batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin, drop_last=True, persistent_workers=False)
+                                       pin_memory=pin, drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,11 +246,12 @@ def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float,
     valid = label != data.IGNORE_INDEX
     ce = F.cross_entropy(logits.float(), label, ignore_index=data.IGNORE_INDEX, reduction="none")  # (B, H, W)
     with torch.no_grad():
-        prob = torch.exp(-ce)[valid]  # (n,) probability of the true class
-        threshold = thresh
-        if 0 < min_kept < prob.numel():
-            threshold = max(thresh, float(prob.kthvalue(min_kept).values))
-        keep = valid & (torch.exp(-ce) <= threshold)
+        prob = torch.exp(-ce)  # (B, H, W) probability of the true class
+        if min_kept <= 0 or min_kept > int(valid.sum()):
+            keep = valid  # too few pixels to mine from (or mining off): every valid pixel counts
+        else:
+            threshold = max(thresh, float(prob[valid].kthvalue(min_kept).values))
+            keep = valid & (prob <= threshold)
     n = int(keep.sum())
     return (ce * keep).sum() / max(n, 1), n
 
@@ -349,8 +352,7 @@ def main(argv=None) -> None:
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # a scaler only for fp16
 
-    student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)
-    patch = student.patch_size
+    patch = models.BACKBONES[args.backbone].patch_size
     reduce_zero = False if args.ade_reduced else None
     use_synthetic = args.method != "supervised"
     for split in (args.train_split, args.val_split):  # a broken dataset fails in seconds, not hours
@@ -367,6 +369,10 @@ def main(argv=None) -> None:
                              f"make one with generate.py, or use --method supervised)")
     syn_set = data.SyntheticDataset(args.synthetic, crop_size=args.crop_size, patch_size=patch,
                                     with_truth=args.dataset == "toy") if use_synthetic else None
+    resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if resume is not None and args.resume != "auto" and not resume.is_file():
+        raise ValueError(f"--resume {resume}: checkpoint not found")
+    student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
     B = args.batch_size
     B_x = B if use_synthetic else 2 * B  # supervised: the whole batch is real (2B)
     epoch_len = len(syn_set) if use_synthetic else len(real_set)  # an epoch = one pass over the synthetic set
@@ -398,7 +404,6 @@ def main(argv=None) -> None:
                "lr": args.lr * args.head_lr_mult, "base": args.lr * args.head_lr_mult}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
     start, best = 0, None
-    resume = out / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if resume is not None and resume.is_file():
         state = torch.load(resume, map_location="cpu", weights_only=True)
         for key in ("dataset", "arch", "backbone", "method"):
@@ -415,8 +420,6 @@ def main(argv=None) -> None:
             torch.cuda.set_rng_state(state["rng_cuda"])
         if is_main:
             print(f"resumed from {resume} at step {start}")
-    elif resume is not None and args.resume != "auto":
-        raise ValueError(f"--resume {resume}: checkpoint not found")
     device_ids = [device.index] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if distributed else student
 
@@ -438,7 +441,7 @@ def main(argv=None) -> None:
     real_iter = iter(make_loader(real_set, batch=B_x, **common))
     syn_iter = iter(make_loader(syn_set, batch=B, **{**common, "seed": args.seed + 1})) if use_synthetic else None
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
-                                             batch_size=1, num_workers=args.workers)
+                                             batch_size=1, num_workers=args.workers, generator=torch.Generator())
     log_file = out / "metrics.jsonl"
     ot_kwargs = dict(beta=args.ot_beta, iters=args.ot_iters, class_marginal=args.ot_marginal,
                      min_prob=args.ot_min_prob, scope=args.ot_scope)
@@ -550,7 +553,8 @@ def main(argv=None) -> None:
             if is_main:
                 progress.write(f"step {done}: EMA mIoU {result['miou']:.2f} (best {best:.2f})")
                 with open(log_file, "a") as f:
-                    f.write(json.dumps({"step": done, "miou": result["miou"], "iou": result["iou"]}) + "\n")
+                    iou = [None if math.isnan(v) else v for v in result["iou"]]  # JSON has no NaN
+                    f.write(json.dumps({"step": done, "miou": result["miou"], "iou": iou}) + "\n")
         stop_now = stop["requested"]
         if distributed:  # every rank stops at the same step, or the next collective would hang
             flag = torch.tensor(float(stop_now), device=device)
