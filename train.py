@@ -234,6 +234,15 @@ def cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x.flip(0), x)
 
 
+def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
+    """The teacher's per-pixel class probabilities without OT (--method pseudo), (B, K, H, W) -> (B, K, H, W).
+
+    DPT: softmax of its logits. Mask2Former: its scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q) are class
+    probabilities already; a softmax over values in [0, 1] would put every pixel far below the gate δ.
+    """
+    return scores.softmax(1) if arch == "dpt" else scores
+
+
 def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float, min_kept: int) -> tuple[torch.Tensor, int]:
     """Online hard example mining CE: pixels whose true-class probability is <= max(thresh, the min_kept-th
     smallest such probability) (UniMatch's ProbOhemCrossEntropy2d).
@@ -375,7 +384,14 @@ def main(argv=None) -> None:
     student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
     B = args.batch_size
     B_x = B if use_synthetic else 2 * B  # supervised: the whole batch is real (2B)
-    epoch_len = len(syn_set) if use_synthetic else len(real_set)  # an epoch = one pass over the synthetic set
+    # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
+    # sense would (the same budget); only without a synthetic set does it count passes over the real set.
+    if use_synthetic:
+        epoch_len = len(syn_set)
+    elif Path(args.synthetic).exists():
+        epoch_len = len(data.synthetic_images(args.synthetic))
+    else:
+        epoch_len = len(real_set)
     steps_per_epoch = max(1, epoch_len // (B * world * args.grad_accum))
     total = args.iters or args.epochs * steps_per_epoch
     args.eval_every = args.eval_every or max(1, total // 4)
@@ -470,12 +486,14 @@ def main(argv=None) -> None:
                 truth = cutmix(truth, box) if truth is not None else None
                 keep = cutmix((query_conf >= args.conf_thresh)[:, None, None].expand_as(box), box) \
                     if query_conf is not None else torch.ones_like(box)  # Mask2Former: drop unsure images
+                if query_conf is not None:  # share of synthetic images the query gate keeps (before CutMix)
+                    logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
                 # pseudo-labels: OT soft targets (sense) or the teacher's own distribution (pseudo)
                 if args.method == "sense":
                     targets, gate, ot_stats = ot_pseudo_labels(scores_u, ~ignore_u, conf_thresh=args.conf_thresh, **ot_kwargs)
                     logs["ot_err"] = ot_stats["marginal_error"]
                 else:
-                    targets = scores_u.softmax(1)  # (B, K, c, c)
+                    targets = teacher_probabilities(scores_u, args.arch)  # (B, K, c, c)
                     gate = (targets.amax(1) >= args.conf_thresh) & ~ignore_u
             # 4. student, one forward on [x; u_s]
             with autocast():

@@ -171,6 +171,21 @@ def test_ohem_keeps_every_pixel_when_fewer_than_min_kept(min_kept):
     assert loss.item() == pytest.approx(unimatch_ohem(logits, label, 0.7, min_kept).item(), rel=1e-5)
 
 
+def test_teacher_probabilities_without_ot_gate_confident_mask2former_pixels():
+    from model import mask2former_scores
+    # One query sure of class 2 with a mask covering the image, the others sure of "no object"
+    Q = 3
+    pred_logits = torch.full((1, Q, K + 1), -10.0)
+    pred_logits[0, 0, 2], pred_logits[0, 1:, K] = 10.0, 10.0
+    pred_masks = torch.full((1, Q, 4, 4), -10.0)
+    pred_masks[0, 0] = 10.0
+    scores = mask2former_scores({"pred_logits": pred_logits, "pred_masks": pred_masks}, (8, 8))  # (1, K, 8, 8)
+    probs = train.teacher_probabilities(scores, "mask2former")
+    assert (probs.argmax(1) == 2).all() and (probs.amax(1) >= 0.95).all()  # a softmax over scores gives < 0.4
+    logits = torch.randn(2, K, 5, 5)
+    assert torch.equal(train.teacher_probabilities(logits, "dpt"), logits.softmax(1))
+
+
 def _sampler_items(**kwargs) -> list[tuple[int, int]]:
     sampler = train.StepSampler(7, seed=3, **kwargs)
     items = list(sampler)
@@ -212,6 +227,8 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
         expected |= {"mask_ratio", "acc_argmax", "acc_ot"}
     if method == "sense":
         expected |= {"ot_err"}
+    if method != "supervised" and arch == "mask2former":
+        expected |= {"image_ratio"}  # share of synthetic images the query-confidence gate keeps
     assert set(logs[-1]) == expected and logs[-1]["step"] == steps
     assert all(np.isfinite(logs[-1][key]) for key in expected)
     assert logs[-1]["lr"] == pytest.approx(train.poly_lr(args["lr"], steps - 1, steps, args["poly_power"]))
