@@ -2,7 +2,9 @@
 dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; DESIGN.md §4).
 
 Density = instances per image: connected components per class of a teacher's argmax prediction (any
-checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them.
+checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them; or,
+as the paper measures it, the boxes an open-vocabulary detector (GroundingDINO, a local transformers
+folder) finds when prompted with the dataset's class names.
 Fidelity = GLCM texture statistics (Haralick: contrast, homogeneity, energy, correlation, entropy) of
 the grey image and the JPEG compression ratio, both rising with high-frequency detail.
 
@@ -13,6 +15,8 @@ the grey image and the JPEG compression ratio, both rising with high-frequency d
         --out runs/quality/top.txt --sheet runs/quality/sheet.png
     python quality.py ladder --scores runs/quality/scores.csv --out-dir runs/quality/ladder
     python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes/last.pt --device cuda --out scores.csv
+    python quality.py score --images /data/flux_seed0 --detector pretrained/grounding-dino-base --dataset cityscapes \
+        --out scores.csv && python quality.py ladder --scores scores.csv --density boxes --out-dir ladder
 
 Shapes: B images, H×W pixels, L grey levels, D distances, A angles, K classes, N = B*H*W pixels of a
 batch, E neighbour pairs.
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from scipy.stats import rankdata
+from torchvision.ops import nms
 from tqdm import tqdm
 
 import data
@@ -58,10 +63,14 @@ MAX_UNITS_PER_TASK = 32
 # the encoding they share.
 PARALLEL_MIN_PIXELS = 1 << 18
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Detector density: boxes overlapping more than this (IoU) are one object, whichever prompt found them
+# (the usual NMS threshold of detection pipelines).
+DETECTOR_NMS_IOU = 0.5
 GLCM_STATS = ("contrast", "homogeneity", "energy", "correlation", "entropy")
 # Direction in which each GLCM statistic grows with fine detail (sharp edges, texture): +1 or -1.
 FIDELITY_SIGN = {"contrast": 1, "entropy": 1, "homogeneity": -1, "energy": -1, "correlation": -1}
-CSV_FIELDS = ("image", "label", "instances", "classes", *GLCM_STATS, "compression")
+CSV_FIELDS = ("image", "label", "instances", "classes", "boxes", *GLCM_STATS, "compression")
+DENSITY_COLUMNS = ("instances", "boxes")  # teacher components, detector boxes
 LADDER_SPLITS = ("sparse_coarse", "sparse_fine", "dense_coarse", "dense_fine")
 
 
@@ -80,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "(default: 5e-4)")
     score.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                        help="pixel neighbourhood of a connected component (default: 4)")
+    score.add_argument("--detector", default=None,
+                       help="local GroundingDINO folder (transformers format): also count its boxes, the paper's "
+                            "density measure (default: none)")
+    score.add_argument("--box-threshold", type=float, default=0.35,
+                       help="detector box score threshold (default: 0.35, GroundingDINO's)")
+    score.add_argument("--dataset", default=None, choices=sorted(data.DATASETS),
+                       help="class names the detector is prompted with (default: the teacher's dataset, else toy)")
     score.add_argument("--levels", type=int, default=256, help="GLCM grey levels, at most 256 (default: 256)")
     score.add_argument("--distances", type=int, nargs="+", default=[1], help="GLCM pixel distances (default: 1)")
     score.add_argument("--angles", type=float, nargs="+", default=[0.0, 45.0, 90.0, 135.0],
@@ -90,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        ("ladder", "write the sparse/dense x coarse/fine splits at matched sizes")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--scores", required=True, help="CSV written by `quality.py score`")
+        p.add_argument("--density", choices=DENSITY_COLUMNS, default="instances",
+                       help="density column: teacher components or detector boxes (default: instances)")
         p.add_argument("--fidelity-stat", choices=GLCM_STATS, default="contrast",
                        help="GLCM statistic ranked together with the compression ratio as fidelity (default: contrast)")
         p.add_argument("--sheet", default=None, help="also draw a contact sheet of the extremes to this PNG")
@@ -390,13 +408,13 @@ def count_instances(label: torch.Tensor, min_area: int = 1, connectivity: int = 
 
 # ---------------------------------------------------------------- teacher
 
-def load_teacher(path: str | Path, device: torch.device) -> torch.nn.Module:
-    """The EMA teacher of a train.py checkpoint, in eval mode on device."""
+def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, str | None]:
+    """The EMA teacher of a train.py checkpoint, in eval mode on device, and the dataset it was trained on."""
     try:
-        teacher, _ = model.load_checkpoint_model(path, weights="ema")
+        teacher, args = model.load_checkpoint_model(path, weights="ema")
     except ValueError as error:
         raise ValueError(str(error).replace("--checkpoint", "--teacher", 1)) from None
-    return teacher.to(device)
+    return teacher.to(device), args.get("dataset")
 
 
 @torch.no_grad()  # scoring only: no graph
@@ -419,6 +437,69 @@ def teacher_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tens
     return model.class_scores(teacher, x).argmax(1)  # (B, h, w)
 
 
+# ---------------------------------------------------------------- density: open-vocabulary detector (the paper's)
+
+def load_detector(path: str | Path, device: torch.device) -> tuple:
+    """A GroundingDINO processor and model (transformers format: a save_pretrained folder), in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--detector: {path} is not a transformers model folder (no config.json); "
+                         "download e.g. IDEA-Research/grounding-dino-base and pass its folder")
+    try:
+        from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+    except ImportError:
+        raise ValueError("--detector needs transformers: pip install transformers") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        detector = AutoModelForZeroShotObjectDetection.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"--detector: cannot load {path} ({type(error).__name__}: {str(error)[:200]})") from None
+    return processor, detector.eval().to(device)
+
+
+def detector_prompts(class_names: tuple[str, ...], tokenizer, max_tokens: int) -> list[str]:
+    """The class names as GroundingDINO text prompts "a . b . c ." (lower case, "background" left out), split
+    into as few prompts as fit the text encoder's max_tokens (256: ADE20K's 150 names need several)."""
+    names = [name.lower() for name in class_names if name.lower() != "background"]
+    prompts, current = [], []
+    for name in names:
+        text = " . ".join(current + [name]) + " ."
+        if current and len(tokenizer(text)["input_ids"]) > max_tokens:
+            prompts.append(" . ".join(current) + " .")
+            current = [name]
+        else:
+            current.append(name)
+    if len(tokenizer(" . ".join(current) + " .")["input_ids"]) > max_tokens:
+        raise ValueError(f"--detector: the class name {current[-1]!r} alone exceeds {max_tokens} text tokens")
+    return prompts + [" . ".join(current) + " ."]
+
+
+@torch.no_grad()  # scoring only: no graph
+def count_boxes(processor, detector, image: np.ndarray, prompts: list[str], threshold: float) -> int:
+    """Objects in one image: the detector's boxes with score >= threshold over all prompts, overlapping boxes
+    (IoU > DETECTOR_NMS_IOU, e.g. one car found as "car" and as "truck") counted once.
+
+    Args:
+        processor, detector: from `load_detector`.
+        image: (H, W, 3) uint8 RGB.
+        prompts: from `detector_prompts`.
+        threshold: box score threshold (GroundingDINO's box_threshold).
+    Returns:
+        Number of boxes.
+    """
+    device = next(detector.parameters()).device
+    picture = Image.fromarray(image)
+    boxes, scores = [], []
+    for text in prompts:
+        inputs = processor(images=picture, text=text, return_tensors="pt").to(device)
+        found = processor.post_process_grounded_object_detection(
+            detector(**inputs), inputs["input_ids"], threshold=threshold, text_threshold=threshold,
+            target_sizes=[image.shape[:2]])[0]
+        boxes.append(found["boxes"].float())  # (n, 4) x0, y0, x1, y1 in pixels
+        scores.append(found["scores"].float())  # (n,)
+    return len(nms(torch.cat(boxes), torch.cat(scores), DETECTOR_NMS_IOU))
+
+
 # ---------------------------------------------------------------- score, select, ladder, sheet
 
 def list_images(source: str | Path) -> list[tuple[Path, Path | None]]:
@@ -435,7 +516,8 @@ def list_images(source: str | Path) -> list[tuple[Path, Path | None]]:
 
 
 def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.Module | None = None,
-                 min_area: float = 5e-4, connectivity: int = 4, levels: int = 256, distances=(1,),
+                 detector: tuple | None = None, min_area: float = 5e-4, connectivity: int = 4, levels: int = 256,
+                 distances=(1,),
                  angles=(0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4), device: torch.device | None = None,
                  progress: bool = True) -> list[dict]:
     """Density and fidelity of each image (one at a time, so sizes may differ).
@@ -443,6 +525,7 @@ def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.M
     Args:
         samples: (image path, label path or None) pairs.
         teacher: model for density, or None (instances and classes are then NaN).
+        detector: (processor, model, prompts, box threshold) for the detector's box count, or None (boxes NaN).
         min_area: smallest instance as a fraction of the predicted map's pixels.
         connectivity, levels, distances, angles: as in `count_instances` and `glcm_features`.
         device: where the metrics run (default: cpu).
@@ -457,11 +540,14 @@ def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.M
         # absolute paths, so select/ladder can run from any folder
         row = {"image": str(Path(image_path).resolve()),
                "label": "" if label_path is None else str(Path(label_path).resolve()),
-               "instances": math.nan, "classes": math.nan}
+               "instances": math.nan, "classes": math.nan, "boxes": math.nan}
         if teacher is not None:
             label = teacher_labels(teacher, image)  # (1, h, w)
             area = max(1, math.ceil(min_area * label.shape[-2] * label.shape[-1]))
             row.update({k: int(v) for k, v in count_instances(label, area, connectivity).items()})
+        if detector is not None:
+            processor, net, prompts, threshold = detector
+            row["boxes"] = count_boxes(processor, net, image[0].permute(1, 2, 0).cpu().numpy(), prompts, threshold)
         row.update({k: float(v) for k, v in glcm_features(image, levels, distances, angles).items()})
         row["compression"] = float(compression_ratio(image)[0])
         rows.append(row)
@@ -469,7 +555,7 @@ def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.M
 
 
 def write_scores(rows: list[dict], path: str | Path) -> None:
-    """Scores CSV (CSV_FIELDS columns; empty instances/classes when no teacher was given)."""
+    """Scores CSV (CSV_FIELDS columns; instances/classes empty without a teacher, boxes without a detector)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -497,26 +583,29 @@ def _percentile(values: np.ndarray) -> np.ndarray:
     return (rankdata(values) - 1) / max(1, len(values) - 1)
 
 
-def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast") -> np.ndarray:
+def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast", density: str = "instances") -> np.ndarray:
     """One score per row in [0, 1], higher = denser / finer.
 
-    density = percentile of instances; fidelity = mean percentile of the GLCM statistic (signed so that
-    more detail ranks higher) and the compression ratio; both = mean of the two.
+    density = percentile of the density column; fidelity = mean percentile of the GLCM statistic (signed so
+    that more detail ranks higher) and the compression ratio; both = mean of the two.
 
     Args:
         rows: scores as from `read_scores`.
         by: "density", "fidelity" or "both".
         fidelity_stat: GLCM statistic used in fidelity.
+        density: "instances" (teacher components) or "boxes" (detector boxes).
     Returns:
         (len(rows),) float64.
     """
     column = lambda name: np.array([row[name] for row in rows], dtype=np.float64)  # noqa: E731
-    if by in ("density", "both") and np.isnan(column("instances")).any():
-        raise ValueError("--scores: no instance counts in this file; score it with --teacher CKPT to rank by density")
-    density = _percentile(column("instances"))
-    fidelity = (_percentile(FIDELITY_SIGN[fidelity_stat] * column(fidelity_stat))
-                + _percentile(column("compression"))) / 2
-    return {"density": density, "fidelity": fidelity, "both": (density + fidelity) / 2}[by]
+    if by in ("density", "both") and np.isnan(column(density)).any():
+        flag = "--teacher CKPT" if density == "instances" else "--detector DIR"
+        other = DENSITY_COLUMNS[1 - DENSITY_COLUMNS.index(density)]
+        hint = "" if np.isnan(column(other)).any() else f", or rank by --density {other}"
+        raise ValueError(f"--scores: no {density} counts in this file; score it with {flag} to rank by density{hint}")
+    dense = _percentile(column(density))
+    fine = (_percentile(FIDELITY_SIGN[fidelity_stat] * column(fidelity_stat)) + _percentile(column("compression"))) / 2
+    return {"density": dense, "fidelity": fine, "both": (dense + fine) / 2}[by]
 
 
 def write_split(rows: list[dict], path: str | Path) -> None:
@@ -538,23 +627,24 @@ def select(rows: list[dict], score: np.ndarray, fraction: float, top: bool) -> l
     return [rows[i] for i in order[:max(1, round(fraction * len(rows)))]]
 
 
-def ladder(rows: list[dict], fidelity_stat: str = "contrast") -> dict[str, list[dict]]:
+def ladder(rows: list[dict], fidelity_stat: str = "contrast", density: str = "instances") -> dict[str, list[dict]]:
     """The paper's 2x2 quality ladder at matched sizes: split by density at the median into sparse and
     dense halves, then each half by fidelity into its coarse and fine quarters (n // 4 images each, so
     coarse and fine have similar density).
 
     Args:
-        rows: scores with instance counts.
+        rows: scores with counts in the density column.
         fidelity_stat: GLCM statistic used in fidelity.
+        density: "instances" or "boxes".
     Returns:
         dict sparse_coarse, sparse_fine, dense_coarse, dense_fine -> rows.
     """
     quarter = len(rows) // 4
     if quarter == 0:
         raise ValueError(f"--scores: the ladder needs at least 4 images, got {len(rows)}")
-    density = rank_scores(rows, "density")
+    dense = rank_scores(rows, "density", density=density)
     fidelity = rank_scores(rows, "fidelity", fidelity_stat)
-    by_density = np.argsort(density, kind="stable")
+    by_density = np.argsort(dense, kind="stable")
     halves = {"sparse": by_density[:2 * quarter], "dense": by_density[-2 * quarter:]}
     splits = {}
     for name, half in halves.items():
@@ -564,9 +654,10 @@ def ladder(rows: list[dict], fidelity_stat: str = "contrast") -> dict[str, list[
     return splits
 
 
-def contact_sheet(rows: list[dict], score: np.ndarray, path: str | Path, n: int = 8, height: int = 128) -> None:
+def contact_sheet(rows: list[dict], score: np.ndarray, path: str | Path, n: int = 8, height: int = 128,
+                  density: str = "instances") -> None:
     """PNG with the n highest-scoring images on the top row and the n lowest below, each captioned with
-    its score, instances, GLCM contrast and compression ratio."""
+    its score, density count (instances or boxes), GLCM contrast and compression ratio."""
     order = np.argsort(-score, kind="stable")
     n = min(n, len(rows))
     lines = [("highest", order[:n]), ("lowest", order[::-1][:n])]
@@ -580,8 +671,8 @@ def contact_sheet(rows: list[dict], score: np.ndarray, path: str | Path, n: int 
             tile = Image.new("RGB", (width, height + caption), "white")
             tile.paste(image.resize((width, height), Image.BILINEAR), (0, 0))
             draw = ImageDraw.Draw(tile)
-            instances = "-" if math.isnan(rows[i]["instances"]) else f"{rows[i]['instances']:.0f}"
-            draw.text((2, height + 1), f"score {score[i]:.2f}  inst {instances}", fill="black")
+            count = "-" if math.isnan(rows[i][density]) else f"{rows[i][density]:.0f}"
+            draw.text((2, height + 1), f"score {score[i]:.2f}  {density[:4]} {count}", fill="black")
             draw.text((2, height + 14), f"con {rows[i]['contrast']:.0f}  cr {rows[i]['compression']:.3f}", fill="black")
             row_tiles.append(tile)
         tiles.append(row_tiles)
@@ -598,12 +689,12 @@ def contact_sheet(rows: list[dict], score: np.ndarray, path: str | Path, n: int 
 
 
 def _summary(splits: dict[str, list[dict]], fidelity_stat: str) -> str:
-    """Table of each split's size and mean instances, GLCM statistic and compression ratio."""
-    lines = [f"{'split':<16}{'images':>8}{'instances':>11}{fidelity_stat:>13}{'compression':>13}"]
+    """Table of each split's size and mean instances, boxes, GLCM statistic and compression ratio."""
+    lines = [f"{'split':<16}{'images':>8}{'instances':>11}{'boxes':>8}{fidelity_stat:>13}{'compression':>13}"]
     for name, rows in splits.items():
         mean = lambda key: float(np.mean([row[key] for row in rows])) if rows else math.nan  # noqa: E731
-        lines.append(f"{name:<16}{len(rows):>8}{mean('instances'):>11.2f}{mean(fidelity_stat):>13.4g}"
-                     f"{mean('compression'):>13.4f}")
+        lines.append(f"{name:<16}{len(rows):>8}{mean('instances'):>11.2f}{mean('boxes'):>8.2f}"
+                     f"{mean(fidelity_stat):>13.4g}{mean('compression'):>13.4f}")
     return "\n".join(lines)
 
 
@@ -613,8 +704,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "score":
             device = model.pick_device(args.device)
             samples = list_images(args.images)
-            teacher = None if args.teacher is None else load_teacher(args.teacher, device)
-            rows = score_images(samples, teacher=teacher, min_area=args.min_area, connectivity=args.connectivity,
+            teacher, teacher_dataset = load_teacher(args.teacher, device) if args.teacher else (None, None)
+            detector = None
+            if args.detector is not None:
+                dataset = args.dataset or teacher_dataset or "toy"
+                processor, net = load_detector(args.detector, device)
+                prompts = detector_prompts(data.get_spec(dataset).classes, processor.tokenizer, net.config.max_text_len)
+                print(f"detector {args.detector}: {len(prompts)} prompt(s) of {dataset} class names")
+                detector = (processor, net, prompts, args.box_threshold)
+            rows = score_images(samples, teacher=teacher, detector=detector, min_area=args.min_area,
+                                connectivity=args.connectivity,
                                 levels=args.levels, distances=tuple(args.distances),
                                 angles=tuple(math.radians(a) for a in args.angles), device=device)
             write_scores(rows, args.out)
@@ -623,21 +722,21 @@ def main(argv: list[str] | None = None) -> None:
             return
         rows = read_scores(args.scores)
         if args.command == "select":
-            score = rank_scores(rows, args.by, args.fidelity_stat)
+            score = rank_scores(rows, args.by, args.fidelity_stat, args.density)
             top = args.top is not None
             chosen = select(rows, score, args.top if top else args.bottom, top)
             write_split(chosen, args.out)
             print(_summary({"all": rows, "selected": chosen}, args.fidelity_stat))
             print(f"wrote {len(chosen)} of {len(rows)} images to {args.out}")
         else:
-            splits = ladder(rows, args.fidelity_stat)
+            splits = ladder(rows, args.fidelity_stat, args.density)
             for name, split_rows in splits.items():
                 write_split(split_rows, Path(args.out_dir) / f"{name}.txt")
             print(_summary(splits, args.fidelity_stat))
             print(f"wrote {', '.join(LADDER_SPLITS)} ({len(splits['dense_fine'])} images each) to {args.out_dir}")
-            score = rank_scores(rows, "both", args.fidelity_stat)
+            score = rank_scores(rows, "both", args.fidelity_stat, args.density)
         if args.sheet:
-            contact_sheet(rows, score, args.sheet, args.sheet_n)
+            contact_sheet(rows, score, args.sheet, args.sheet_n, density=args.density)
             print(f"wrote contact sheet {args.sheet}")
     except (ValueError, data.DataError) as error:
         raise SystemExit(str(error))

@@ -199,3 +199,70 @@ def test_cli_score_select_ladder(tmp_path):
                       "--out", str(tmp_path / "x.txt")])
     with pytest.raises(SystemExit, match="--images"):
         quality.main(["score", "--images", str(tmp_path / "missing"), "--out", str(tmp_path / "y.csv")])
+
+
+@pytest.fixture(scope="module")
+def tiny_detector(tmp_path_factory) -> Path:
+    """A GroundingDINO with random weights (tiny Swin and BERT) and a word-level BERT tokenizer, saved with
+    save_pretrained: the real loading and prompting path without a download."""
+    from transformers import (BertConfig, BertTokenizerFast, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+    folder = tmp_path_factory.mktemp("grounding_dino")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *data.TOY_CLASSES]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    config = GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1],
+                                   num_heads=[1, 1, 1, 1], window_size=4, out_features=["stage2", "stage3", "stage4"]),
+        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=37, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=12, max_text_len=32,
+        encoder_n_points=2, decoder_n_points=2)
+    GroundingDinoForObjectDetection(config).save_pretrained(folder)
+    processor = GroundingDinoProcessor(GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
+                                       BertTokenizerFast(vocab_file=str(folder / "vocab.txt")))
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_detector_prompts_fit_the_text_encoder(tiny_detector):
+    processor, _ = quality.load_detector(tiny_detector, torch.device("cpu"))
+    names = ("background",) + data.TOY_CLASSES
+    whole = quality.detector_prompts(names, processor.tokenizer, 32)
+    assert whole == [" . ".join(data.TOY_CLASSES) + " ."]  # background is no object to count
+    split = quality.detector_prompts(names, processor.tokenizer, 8)  # [CLS] + at most 3 names with dots + [SEP]
+    assert len(split) > 1 and all(len(processor.tokenizer(p)["input_ids"]) <= 8 for p in split)
+    assert " . ".join(p[:-2] for p in split).split(" . ") == list(data.TOY_CLASSES)
+
+
+def test_count_boxes_thresholds_and_duplicates(tiny_detector):
+    processor, detector = quality.load_detector(tiny_detector, torch.device("cpu"))
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    prompt = quality.detector_prompts(data.TOY_CLASSES, processor.tokenizer, 32)
+    everything = quality.count_boxes(processor, detector, image, prompt, threshold=0.0)
+    assert 1 <= everything <= detector.config.num_queries
+    assert quality.count_boxes(processor, detector, image, prompt, threshold=1.01) == 0
+    # The same objects found through two prompts are counted once (NMS across prompts)
+    assert quality.count_boxes(processor, detector, image, prompt * 2, threshold=0.0) == everything
+
+
+def test_cli_detector_density(tiny_detector, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    scores = tmp_path / "s.csv"
+    quality.main(["score", "--images", str(folder), "--detector", str(tiny_detector), "--box-threshold", "0.3",
+                  "--out", str(scores)])
+    rows = quality.read_scores(scores)
+    assert all(0 <= row["boxes"] <= 12 and math.isnan(row["instances"]) for row in rows)
+    quality.main(["select", "--scores", str(scores), "--by", "density", "--density", "boxes", "--top", "0.25",
+                  "--out", str(tmp_path / "dense.txt")])
+    chosen = data.read_split(tmp_path / "dense.txt")[0][0].resolve().name
+    assert rows[[Path(r["image"]).name for r in rows].index(chosen)]["boxes"] == max(r["boxes"] for r in rows)
+    with pytest.raises(SystemExit, match="--teacher CKPT to rank by density, or rank by --density boxes"):
+        quality.main(["select", "--scores", str(scores), "--by", "density", "--top", "0.5", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match=r"--detector: .* \(no config.json\)"):
+        quality.main(["score", "--images", str(folder), "--detector", str(tmp_path), "--out", str(tmp_path / "y.csv")])
