@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import nn
 from tqdm import tqdm
 
@@ -62,6 +62,7 @@ M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=
                      dice_weight=0.0, no_object_weight=0.02, skip_empty_ce=True)
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
 PANEL_SAMPLES = 4  # synthetic samples drawn in each picture panel
+PANEL_CAPTION = 14  # pixels of the text line above a panel (PIL's default font is 11 px high)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -327,15 +328,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_panel(path: Path, rows: list[list[np.ndarray]]) -> None:
-    """Write a grid of (H, W, 3) uint8 pictures, one row per sample."""
+def save_panel(path: Path, rows: list[list[np.ndarray]], caption: str | None = None) -> None:
+    """Write a grid of (H, W, 3) uint8 pictures, one row per sample, under an optional line of text."""
     h, w = rows[0][0].shape[:2]
-    grid = np.zeros((len(rows) * (h + 2), max(len(r) for r in rows) * (w + 2), 3), np.uint8)
+    top = PANEL_CAPTION if caption else 0
+    grid = np.zeros((top + len(rows) * (h + 2), max(len(r) for r in rows) * (w + 2), 3), np.uint8)
     for i, row in enumerate(rows):
         for j, picture in enumerate(row):
-            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = picture
+            grid[top + i * (h + 2):top + i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = picture
+    panel = Image.fromarray(grid)
+    if caption:
+        ImageDraw.Draw(panel).text((2, 1), caption, fill=(255, 255, 255))
     tmp = path.with_name(path.name + ".tmp.png")
-    Image.fromarray(grid).save(tmp)
+    panel.save(tmp)
     os.replace(tmp, path)
 
 
@@ -561,9 +566,12 @@ def main(argv=None) -> None:
             pictures = [data.denormalize(image_s[:n]), data.colorize(scores_u[:n].argmax(1).cpu(), spec.palette),
                         data.colorize(label_u[:n].cpu(), spec.palette),
                         data.colorize(student_u[:n].argmax(1).detach().cpu(), spec.palette)]
+            caption = None
             if truth is not None:
                 pictures.append(data.colorize(truth[:n].cpu(), spec.palette))
-            save_panel(out / "panels" / f"step{done:07d}.png", [[p[i] for p in pictures] for i in range(n)])
+                caption = (f"step {done}: pseudo-label accuracy: teacher argmax {logs['acc_argmax']:.3f}, "
+                           f"{'OT' if args.method == 'sense' else 'trained-on'} {logs['acc_ot']:.3f}")
+            save_panel(out / "panels" / f"step{done:07d}.png", [[p[i] for p in pictures] for i in range(n)], caption)
         if done % args.eval_every == 0 or done == total:
             result = evaluate(teacher, val_loader, num_classes=K, mode=args.eval_mode, crop_size=args.crop_size,
                               device=device, amp_dtype=amp_dtype, progress=False)

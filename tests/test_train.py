@@ -249,7 +249,7 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
         assert panels == []
     else:  # 2 samples × (image | teacher argmax | pseudo-label | student | toy truth)
         assert [p.name for p in panels] == [f"step{steps:07d}.png"]
-        assert Image.open(panels[0]).size == (5 * (CROP + 2), 2 * (CROP + 2))
+        assert Image.open(panels[0]).size == (5 * (CROP + 2), train.PANEL_CAPTION + 2 * (CROP + 2))  # caption on top
     return state
 
 
