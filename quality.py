@@ -46,10 +46,10 @@ import model
 LUMA_WEIGHTS = (19595, 38470, 7471)
 # scikit-image's graycoprops treats a marginal standard deviation below this as zero (correlation = 1).
 ZERO_STD = 1e-15
-# Compression codec: JPEG (PIL/libjpeg) at quality 90 with 4:4:4 chroma. JPEG, not PNG: it is ~100x faster
-# at 1024x2048 and, being lossy, its size counts detail above the quantisation step rather than sensor
-# noise in the low bits; quality 90 keeps that step fine enough that fine texture still costs bytes, and
-# 4:4:4 keeps colour detail from being halved before it is measured.
+# Compression codec: JPEG (PIL/libjpeg) at quality 90 with 4:4:4 chroma. JPEG, not PNG: it is 12-15x faster
+# at 1024x2048 (bench.py quality) and, being lossy, its size counts detail above the quantisation step rather
+# than sensor noise in the low bits; quality 90 keeps that step fine enough that fine texture still costs
+# bytes, and 4:4:4 keeps colour detail from being halved before it is measured.
 JPEG_QUALITY = 90
 JPEG_SUBSAMPLING = 0
 # GLCM work split: pixels per chunk of images (bounds the int32 copies to 64 MiB each), pairs per
