@@ -217,7 +217,7 @@ def sinkhorn(
                 it -= 1
                 break
         v = b / c.clamp_min(tiny)
-        if not _in_range(v, b):
+        if not _in_range(v, b, False):  # v is the same on every rank: no collective needed
             f = f + torch.log(u)  # absorb u, redo the class step in the log domain (3.)
             x = _log_kernel(s, mask, beta, dtype).add_(f[:, None, :])
             m = _lse(x, 2, pooled, log_floor)[:, :, 0]  # (B, K)
@@ -228,7 +228,7 @@ def sinkhorn(
         # 2b. pixel step: u = a / (E v)
         r = torch.bmm(v.expand(B, K)[:, None, :], x)[:, 0, :]  # (B, N)
         u = a / r.clamp_min(tiny)
-        if not _in_range(u, a):
+        if not _in_range(u, a, pooled):  # u is per pixel: every rank of a problem decides together
             g = g + torch.log(v)  # absorb v, redo the pixel step in the log domain (3.)
             x = _log_kernel(s, mask, beta, dtype).add_(g.expand(B, K)[:, :, None])
             m = _lse(x, 1, pooled, log_floor)[:, 0, :]  # (B, N)
@@ -257,10 +257,13 @@ def sinkhorn(
     return plan.reshape(log_p.shape), stats
 
 
-def _in_range(scale: torch.Tensor, target: torch.Tensor) -> bool:
-    """Scalings are usable in the exp domain when <= SAFE, and >= 1/SAFE where mass is due (NaN fails both)."""
+def _in_range(scale: torch.Tensor, target: torch.Tensor, pooled: bool) -> bool:
+    """Scalings are usable in the exp domain when <= SAFE, and >= 1/SAFE where mass is due (NaN fails both).
+    When pooled, the answer is shared across ranks (an all-reduce every rank calls), so that all of them take
+    the log-domain step together and keep one class potential g."""
     lowest = torch.where(target > 0, scale, SAFE).amin()
-    return bool((scale.amax() <= SAFE) & (lowest >= 1.0 / SAFE))
+    bad = ~((scale.amax() <= SAFE) & (lowest >= 1.0 / SAFE))
+    return not bool(_pool(bad.to(scale.dtype).reshape(1, 1), pooled, "max") > 0)
 
 
 def _class_marginal(spec, s, mask, min_prob, pooled, B, K, dtype) -> torch.Tensor:

@@ -346,6 +346,7 @@ DIST_SCRIPT = textwrap.dedent(
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
     from ot import sinkhorn
+    from tests.test_ot import EXTREME_MARGINAL, extreme_batch
     rank, store = int(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
     g = torch.Generator().manual_seed(0)
@@ -355,9 +356,25 @@ DIST_SCRIPT = textwrap.dedent(
     for marginal in ("present", "uniform"):
         plan, stats = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal=marginal, iters=5)
         torch.save(plan, f"{store}.{marginal}.{rank}.pt")
+    # only rank 0's pixels need log-domain pixel steps; both ranks must take them at the same iterations
+    plan, stats = sinkhorn(extreme_batch()[mine], scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
+    torch.save(plan, f"{store}.extreme.{rank}.pt")
     dist.destroy_process_group()
     """
 )
+
+
+# A class marginal that is almost 0 for class 0, which only images 0 and 1 are sure of at a few pixels: the
+# scalings of those pixels leave the exp domain and their pixel steps fall back to the log domain (12 times
+# in 20 iterations), on the rank that holds them only.
+EXTREME_MARGINAL = torch.tensor([1e-36, 1.0, 1.0, 1.0])
+
+
+def extreme_batch() -> torch.Tensor:
+    """(4, 4, 40) log-probabilities: images 0 and 1 hold 10 pixels each that are sure of class 0."""
+    logits = torch.randn(4, 4, 40, generator=torch.Generator().manual_seed(1))
+    logits[:2, 0, :10] += 50.0
+    return logits.log_softmax(1)
 
 
 def test_batch_scope_across_two_gloo_ranks(tmp_path):
@@ -373,3 +390,6 @@ def test_batch_scope_across_two_gloo_ranks(tmp_path):
         joined, _ = sinkhorn(log_p, valid, scope="batch", class_marginal=marginal, iters=5)
         parts = [torch.load(f"{store}.{marginal}.{r}.pt", weights_only=True) for r in range(2)]
         assert torch.allclose(torch.cat(parts), joined, atol=1e-6)
+    joined, _ = sinkhorn(extreme_batch(), scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
+    parts = [torch.load(f"{store}.extreme.{r}.pt", weights_only=True) for r in range(2)]
+    assert torch.allclose(torch.cat(parts), joined, atol=1e-5)
