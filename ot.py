@@ -63,8 +63,8 @@ the marginal, and for K >= 178 a near-uniform pixel underflows entirely and lose
 79 <= K < 178 it survives only through denormal numbers, on hardware that keeps them). class_marginal="present"
 (b uniform over the classes whose largest probability reaches min_prob = 0.01) reproduces what the
 reference effectively computes, without the underflow. Our iteration starts from the row-max
-normalised kernel (all pixels weighted equally in the first class step) where the reference starts
-from exp(s/τ) (pixels weighted by p_max^(1/τ)); this makes the plan invariant to adding a per-pixel
+normalised kernel (all pixels weighted equally in the first class step) where the reference
+starts from exp(s/τ) (pixels weighted by p_max^(1/τ)); this makes the plan invariant to adding a per-pixel
 constant to s at every iteration count, and on confident pixels the two agree (tests/test_ot.py).
 Note that 3 iterations are far from convergence (class-marginal error 0.06-1.6 on segmentation
 outputs) and that this is the method as published; `iters` and `tol` are yours to change.
