@@ -489,10 +489,11 @@ def main(argv=None) -> None:
                 # 3. CutMix: strong images and everything the teacher says about them are mixed by the same rule
                 image_s, scores_u, ignore_u = cutmix(image_s, box), cutmix(scores_u, box), cutmix(ignore_u, box)
                 truth = cutmix(truth, box) if truth is not None else None
-                keep = cutmix((query_conf >= args.conf_thresh)[:, None, None].expand_as(box), box) \
-                    if query_conf is not None else torch.ones_like(box)  # Mask2Former: drop unsure images
-                if query_conf is not None:  # share of synthetic images the query gate keeps (before CutMix)
-                    logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
+                keep = torch.ones_like(box)  # (B, c, c) bool
+                if query_conf is not None:  # Mask2Former: drop unsure images
+                    sure = query_conf >= args.conf_thresh  # (B,)
+                    keep = cutmix(sure[:, None, None].expand_as(box), box)
+                    logs["image_ratio"] = float(sure.float().mean())  # share of images the gate keeps
                 # pseudo-labels: OT soft targets (sense) or the teacher's own distribution (pseudo)
                 if args.method == "sense":
                     targets, gate, ot_stats = ot_pseudo_labels(scores_u, ~ignore_u, conf_thresh=args.conf_thresh, **ot_kwargs)
