@@ -488,10 +488,11 @@ def count_boxes(processor, detector, image: np.ndarray, prompts: list[str], thre
         Number of boxes.
     """
     device = next(detector.parameters()).device
-    picture = Image.fromarray(image)
+    # The image is resized and normalised once; only the text changes from prompt to prompt.
+    pixels = processor.image_processor(images=Image.fromarray(image), return_tensors="pt").to(device)
     boxes, scores = [], []
     for text in prompts:
-        inputs = processor(images=picture, text=text, return_tensors="pt").to(device)
+        inputs = {**pixels, **processor.tokenizer(text, return_tensors="pt").to(device)}
         found = processor.post_process_grounded_object_detection(
             detector(**inputs), inputs["input_ids"], threshold=threshold, text_threshold=threshold,
             target_sizes=[image.shape[:2]])[0]
