@@ -199,6 +199,13 @@ def get_spec(dataset: str) -> DatasetSpec:
     return DATASETS[dataset]
 
 
+def thing_classes(dataset: str) -> tuple[str, ...]:
+    """The countable-object classes of a dataset (reported apart from stuff): toy ball ... sign, Cityscapes person
+    ... bicycle, COCO's 80; ADE20K mixes both without an official split, so none."""
+    classes = get_spec(dataset).classes
+    return {"toy": classes[TOY_NUM_STUFF:], "cityscapes": classes[11:], "coco": classes[1:]}.get(dataset, ())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading images, labels and split files
 
@@ -530,11 +537,13 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
 # ----------------------------------------------------------------------------------------------------------------
 # The toy world: procedurally generated street-like scenes, stored like a real dataset
 
-TOY_SIZE = 128  # image side in pixels: big enough for a 96 crop of a patch-8 ViT, small enough for CPU training
+TOY_SIZE = 128  # image side in pixels: big enough for a 64 crop of a patch-8 ViT, small enough for CPU training
 TOY_SEED = 0
-TOY_VERSION = 1  # bump when the generator changes, so stale worlds are regenerated
+TOY_VERSION = 2  # bump when the generator changes, so stale worlds are regenerated
 TOY_JPEG_QUALITY = 95  # with 4:4:4 chroma: the fine textures survive compression
 TOY_DEFAULT_SYNTHETIC = "synthetic_dense_fine"  # what synthetic.txt lists: the paper's preferred kind (dense, fine)
+TOY_SYNTHETIC_PER_REAL = 2  # synthetic.txt and every synthetic_<kind>.txt list 2× the labelled set (the paper's default)
+TOY_SCALES = (1, 2, 4, 6)  # synthetic_x<n>.txt: the first n × |train| dense-fine images (the paper's 1× ... 6× study)
 
 
 @dataclass(frozen=True)
@@ -542,7 +551,7 @@ class ToyKnobs:
     """Generator settings of one toy split.
 
     Attributes:
-        count: images in the split.
+        count: images in the split (for synthetic kinds: the pool on disk; split files list subsets of it).
         objects: (min, max) things per image: the density factor.
         scale: thing size multiplier (dense scenes hold smaller things, as crowded photos do).
         detail: amplitude of the fine textures, 1 = full: the texture half of the fidelity factor.
@@ -557,13 +566,15 @@ class ToyKnobs:
     synthetic: bool
 
 
+# 60 labelled images: few enough that the supervised baseline saturates within the toy schedule (the regime in which
+# the paper adds synthetic data); 6 × 60 images of each synthetic kind, for the 1× ... 6× scale study.
 TOY_SPLITS = {
-    "train": ToyKnobs(300, (2, 5), 1.0, 1.0, 1.0, False),
+    "train": ToyKnobs(60, (2, 5), 1.0, 1.0, 1.0, False),
     "val": ToyKnobs(100, (2, 5), 1.0, 1.0, 1.0, False),
-    "synthetic_dense_fine": ToyKnobs(200, (8, 14), 0.8, 1.0, 1.0, True),
-    "synthetic_dense_coarse": ToyKnobs(200, (8, 14), 0.8, 0.25, 4.0, True),
-    "synthetic_sparse_fine": ToyKnobs(200, (1, 2), 1.0, 1.0, 1.0, True),
-    "synthetic_sparse_coarse": ToyKnobs(200, (1, 2), 1.0, 0.25, 4.0, True),
+    "synthetic_dense_fine": ToyKnobs(360, (8, 14), 0.8, 1.0, 1.0, True),
+    "synthetic_dense_coarse": ToyKnobs(360, (8, 14), 0.8, 0.25, 4.0, True),
+    "synthetic_sparse_fine": ToyKnobs(360, (1, 2), 1.0, 1.0, 1.0, True),
+    "synthetic_sparse_coarse": ToyKnobs(360, (1, 2), 1.0, 0.25, 4.0, True),
 }
 TOY_SHIFT_GAIN = (1.06, 1.0, 0.9)  # synthetic images are warmer ...
 TOY_SHIFT_GAMMA = 0.9  # ... and brighter in the mid-tones than real ones: a mild domain gap
@@ -587,16 +598,26 @@ def _smooth_noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarra
 
 
 def _colour(rng: np.random.Generator, mean: tuple[int, int, int], spread: float) -> np.ndarray:
-    """(3,) float32 instance colour: the class colour plus per-instance variation."""
+    """(3,) float32 stuff colour: the class colour plus per-image variation."""
     return (np.array(mean) + rng.normal(0, spread, 3)).astype(np.float32)
+
+
+def _any_colour(rng: np.random.Generator) -> np.ndarray:
+    """(3,) float32 thing colour of any hue (saturation 0.45-0.9, value 0.45-0.95): a toy thing is known by its
+    shape and texture, as a real car is, so the strong view's hue jitter and grayscale keep it what it is."""
+    hue, saturation, value = rng.uniform(0, 6), rng.uniform(0.45, 0.9), rng.uniform(0.45, 0.95)
+    channels = [(hue + offset) % 6 for offset in (5.0, 3.0, 1.0)]  # the HSV -> RGB formula per channel
+    return np.array([255 * value * (1 - saturation * np.clip(min(k, 4 - k), 0, 1)) for k in channels], np.float32)
 
 
 def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detail: float,
            fine_noise: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
     """One thing standing on the ground line y = `ground`: its window, signed distance and colour there.
 
-    Each class has its own shape, colour and texture: ball = red disc with shading and a highlight, crate = brown
-    box with planks, cone = orange triangle with white bands, sign = blue diamond with a white checker.
+    Each class has its own shape and bold texture, in a colour drawn anew for every instance: ball = disc of six
+    light and coloured segments with shading and a highlight, crate = box of planks with dark gaps and a dark
+    frame, cone = triangle with white bands, sign = diamond with a light checker. Every pixel of a thing shows
+    its class's texture, which hue jitter and grayscale leave intact (blur and the coarse splits weaken it).
     Returns None when the thing lies outside the image.
     """
     full = fine_noise.shape[0]
@@ -626,29 +647,31 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
         distance = np.hypot(dx, dy) - radius
         shade = 1 - 0.5 * np.clip(np.hypot(dx + 0.35 * radius, dy + 0.35 * radius) / (1.6 * radius), 0, 1)
         glint = 90 * detail * np.exp(-((dx + 0.3 * radius) ** 2 + (dy + 0.3 * radius) ** 2) / (0.05 * radius ** 2))
-        base = _colour(rng, (200, 40, 35), 10)
-        colour = base * shade[..., None] + glint[..., None] + 6 * noise
+        sector = (np.floor((np.arctan2(dy, dx) + rng.uniform(0, np.pi)) / (np.pi / 3)) % 2)[..., None]  # 6 segments
+        base = _any_colour(rng)
+        light = base + (255 - base) * 0.8 * detail * sector  # a beach ball: light and coloured segments
+        colour = light * shade[..., None] + glint[..., None] + 6 * noise
     elif name == "crate":
         distance = np.maximum(np.abs(dx) - half_w, np.abs(dy) - half_h)
-        planks = 30 * detail * np.sin(2 * np.pi * y / rng.uniform(3, 6))
-        rim = np.where(distance > -1.5, 1 - 0.4 * detail, 1.0)  # dark frame along the edge
-        base = _colour(rng, (165, 115, 55), 10)
-        colour = (base + planks[..., None] + 8 * noise) * rim[..., None]
+        planks = 1 - 0.55 * detail * (np.floor((y - cy) / rng.uniform(5, 8)) % 2)  # dark gaps between planks
+        rim = np.where(distance > -1.5, 1 - 0.5 * detail, 1.0)  # dark frame along the edge
+        base = _any_colour(rng)
+        colour = (base + 8 * noise) * (planks * rim)[..., None]
     elif name == "cone":
         top = cy - half_h
         slope = half_w / (2 * half_h)  # half-width grows by this per pixel down from the apex
         side = (np.abs(dx) - slope * (y - top)) / math.hypot(1, slope)
         distance = np.maximum(side, np.abs(dy) - half_h)
         band = (((y - top) / (2 * half_h) * 3) % 1 > 0.45) & (((y - top) / (2 * half_h) * 3) % 1 < 0.75)
-        base = _colour(rng, (245, 120, 25), 8)
+        base = _any_colour(rng)
         white = np.array([240, 240, 235], np.float32)
-        colour = base + (white - base) * (0.9 * detail * band)[..., None] + 6 * noise
+        colour = base + (white - base) * (detail * band)[..., None] + 6 * noise
     else:
         distance = (np.abs(dx) + np.abs(dy) - half_w) / math.sqrt(2)
-        checker = ((np.floor(x / 4) + np.floor(y / 4)) % 2)[..., None]
-        base = _colour(rng, (30, 60, 190), 8)
-        white = np.array([190, 205, 240], np.float32)
-        colour = base + (white - base) * 0.55 * detail * checker + 6 * noise
+        checker = ((np.floor((x - cx) / 5) + np.floor((y - cy) / 5)) % 2)[..., None]
+        base = _any_colour(rng)
+        white = np.array([235, 235, 235], np.float32)
+        colour = base + (white - base) * 0.85 * detail * checker + 6 * noise
     return (slice(y0, y1), slice(x0, x1)), distance, colour
 
 
@@ -703,7 +726,7 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
     for ground in grounds:
         cls = int(rng.integers(TOY_NUM_STUFF, len(TOY_CLASSES)))
         near = np.clip((ground - horizon_level) / (size - horizon_level), 0, 1)
-        thing_size = knobs.scale * size * (0.07 + 0.2 * near) * rng.uniform(0.85, 1.15)
+        thing_size = knobs.scale * size * (0.12 + 0.24 * near) * rng.uniform(0.85, 1.15)
         drawn = _thing(rng, cls, ground, thing_size, knobs.detail, fine, (y, x))
         if drawn is None:
             continue
@@ -768,13 +791,32 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
             progress.update()
         splits[split] = lines
     progress.close()
-    splits["synthetic"] = splits[TOY_DEFAULT_SYNTHETIC]
+    splits.update(toy_synthetic_splits(splits))
     for split, lines in splits.items():
         _atomic_write(root / f"{split}.txt", lambda temporary, lines=lines: temporary.write_text("\n".join(lines) + "\n"))
     meta = {"version": TOY_VERSION, "seed": seed, "size": TOY_SIZE, "classes": list(TOY_CLASSES),
             "splits": {split: dict(vars(knobs), count=counts[split]) for split, knobs in TOY_SPLITS.items()}}
     _atomic_write(root / "toy.json", lambda temporary: temporary.write_text(json.dumps(meta, indent=1) + "\n"))
     return root
+
+
+def toy_synthetic_splits(pools: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The synthetic split files of the toy world, as subsets of each kind's pool (n = the labelled set's size):
+
+    synthetic_<kind>   the first 2n images of the kind (matched sizes for the density × fidelity study);
+    synthetic          = synthetic_dense_fine (what train.py reads by default);
+    synthetic_x<m>     the first m·n dense-fine images, m in TOY_SCALES (the synthetic-scale study);
+    synthetic_pool     the first n/2 images of each kind, mixed (for `quality.py select`: the top half is n).
+    Lists are cut to the pool when a small world (tests) holds fewer images.
+    """
+    n = len(pools["train"])
+    kinds = [split for split in TOY_SPLITS if TOY_SPLITS[split].synthetic]
+    splits = {kind: pools[kind][:TOY_SYNTHETIC_PER_REAL * n] for kind in kinds}
+    splits["synthetic"] = splits[TOY_DEFAULT_SYNTHETIC]
+    for multiple in TOY_SCALES:
+        splits[f"synthetic_x{multiple}"] = pools[TOY_DEFAULT_SYNTHETIC][:multiple * n]
+    splits["synthetic_pool"] = [line for kind in kinds for line in pools[kind][:max(1, n // 2)]]
+    return splits
 
 
 def truth_path(image: str | Path) -> Path | None:
@@ -815,6 +857,91 @@ def toy_preview(root: str | Path, out: str | Path, *, per_split: int = 4) -> Pat
         draw.text((3, number * TOY_SIZE + 2), split, fill=(255, 255, 255))
     _atomic_write(Path(out), lambda temporary: grid.save(temporary, format="PNG"))
     return Path(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pretraining world of the toy backbone: what DINOv2's web images are to the real backbones. Other shapes and
+# textures with classes of their own (none of them a toy-world class), any colour, never a toy-world image.
+
+PRETRAIN_CLASSES = ("plain", "stripes", "dots", "grain", "ring", "cross", "star", "crescent", "bar")
+PRETRAIN_TEXTURES = 4  # the first 4 classes are background textures, the other 5 shapes
+
+
+def _texture(rng: np.random.Generator, kind: int, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(S, S, 3) float32 picture of texture `kind` (an index of PRETRAIN_CLASSES below PRETRAIN_TEXTURES) in two
+    random colours."""
+    y, x = grid
+    size = y.shape[0]
+    first, second = _any_colour(rng), _any_colour(rng)
+    if kind == 0:  # plain: one colour, slow shading
+        mix = 0.25 * _smooth_noise(rng, size, 16)
+    elif kind == 1:  # stripes at any angle, 3-9 px period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(3, 9)
+        mix = 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+    elif kind == 2:  # dots on a square grid
+        spacing = rng.uniform(5, 10)
+        radius = spacing * rng.uniform(0.2, 0.35)
+        dx, dy = x % spacing - spacing / 2, y % spacing - spacing / 2
+        mix = _coverage(np.hypot(dx, dy) - radius, 1.0)
+    else:  # grain: fine random texture
+        mix = np.clip(0.5 + 0.25 * rng.standard_normal((size, size), dtype=np.float32)
+                      + 0.15 * _smooth_noise(rng, size, 3), 0, 1)
+    return first + (second - first) * np.asarray(mix, np.float32)[..., None]
+
+
+def _pretrain_shape(rng: np.random.Generator, kind: int, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """(S, S) float32 signed distance (negative inside) of one shape of class `kind` (ring ... bar)."""
+    y, x = grid
+    size = y.shape[0]
+    cx, cy, radius = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(0.08, 0.3) * size
+    angle = rng.uniform(0, 2 * np.pi)
+    u = (x - cx) * np.cos(angle) + (y - cy) * np.sin(angle)  # coordinates in the shape's own frame
+    v = -(x - cx) * np.sin(angle) + (y - cy) * np.cos(angle)
+    r = np.hypot(u, v)
+    name = PRETRAIN_CLASSES[kind]
+    if name == "ring":
+        return np.abs(r - radius) - radius * rng.uniform(0.15, 0.3)
+    if name == "cross":
+        arm = 0.25 * radius
+        return np.minimum(np.maximum(np.abs(u) - radius, np.abs(v) - arm), np.maximum(np.abs(v) - radius, np.abs(u) - arm))
+    if name == "star":
+        return r - radius * (0.6 + 0.4 * np.cos(5 * np.arctan2(v, u)))
+    if name == "crescent":
+        return np.maximum(r - radius, 0.85 * radius - np.hypot(u - 0.5 * radius, v))
+    return np.hypot(np.maximum(np.abs(u) - radius, 0), v) - 0.3 * radius  # bar: a capsule
+
+
+def render_pretrain_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One image of the pretraining world: 1-3 textured regions split by straight lines, then 1-5 shapes, each
+    filled with a texture that says nothing about its class.
+
+    Returns:
+        image (size, size, 3) uint8 RGB, label (size, size) uint8 indices of PRETRAIN_CLASSES.
+    """
+    grid = _pixel_grid(size)
+    y, x = grid
+    kind = int(rng.integers(PRETRAIN_TEXTURES))
+    image, label = _texture(rng, kind, grid), np.full((size, size), kind, np.uint8)
+    for _ in range(int(rng.integers(0, 3))):  # more regions: the far side of a random line
+        angle, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.3, 0.3) * size
+        side = (x - size / 2) * np.cos(angle) + (y - size / 2) * np.sin(angle) - offset
+        kind = int(rng.integers(PRETRAIN_TEXTURES))
+        image += (_texture(rng, kind, grid) - image) * _coverage(side, 1.0)[..., None]
+        label[side < 0] = kind
+    for _ in range(int(rng.integers(1, 6))):
+        kind = int(rng.integers(PRETRAIN_TEXTURES, len(PRETRAIN_CLASSES)))
+        distance = _pretrain_shape(rng, kind, grid)
+        fill = _texture(rng, int(rng.integers(PRETRAIN_TEXTURES)), grid)
+        image += (fill - image) * _coverage(distance, rng.uniform(1, 3))[..., None]
+        label[distance < 0] = kind
+    image += 3 * rng.standard_normal(image.shape, dtype=np.float32)
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), label
+
+
+def normalize(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 RGB -> (B, 3, H, W) float32 ImageNet-normalised, as every dataset item is."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return pixels.mul_(_NORM_SCALE).sub_(_NORM_SHIFT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1201,6 +1328,20 @@ def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
                 stats["pixels"] += counts
                 stats["images_with"] += counts > 0
     return problems, stats
+
+
+def class_frequencies(dataset: str, root: str | Path, split: str, num_classes: int, *,
+                      reduce_zero_label: bool | None = None) -> np.ndarray:
+    """(K,) float64 share of each class among the labelled pixels of a split (ignore excluded), read from every
+    label file: the prior class marginal of `train.py --ot-marginal prior`."""
+    spec = get_spec(dataset)
+    counts = np.zeros(num_classes, np.float64)
+    for _, label_path in read_split(split_path(dataset, prepare_root(dataset, root), split)):
+        _, histogram = _to_train_ids(_open_label(label_path), spec, label_path, reduce_zero_label)
+        counts += histogram[:num_classes]
+    if counts.sum() == 0:
+        raise DataError(f"{split}: no labelled pixel to take class frequencies from")
+    return counts / counts.sum()
 
 
 def check_dataset(dataset: str, root: str | Path, split: str, *, quick: bool = False,

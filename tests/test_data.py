@@ -342,20 +342,39 @@ def test_toy_scene_deterministic_and_knobs_act():
     assert high_frequency("synthetic_dense_fine") > 1.5 * high_frequency("synthetic_dense_coarse")
 
 
-def test_toy_world_is_learnable_from_colour_alone():
-    """Nearest class-mean colour (a far weaker model than the toy ViT) already beats chance clearly."""
-    def pixels(split, count):
-        scenes = [data.render_toy_scene(np.random.default_rng([9, split == "val", i]), data.TOY_SPLITS[split])
-                  for i in range(count)]
-        return (np.concatenate([image.reshape(-1, 3) for image, _ in scenes]).astype(float),
-                np.concatenate([label.ravel() for _, label in scenes]))
+def test_toy_things_have_any_hue_while_stuff_keeps_its_own():
+    """A thing is known by its shape and texture, not its hue (so the strong view's hue jitter leaves it what it is):
+    the hues of each thing class spread round the circle (mean resultant length near 0) while each stuff class keeps
+    one hue (near 1)."""
+    scenes = [data.render_toy_scene(np.random.default_rng([9, i]), data.TOY_SPLITS["train"]) for i in range(40)]
+    hsv = np.concatenate([np.asarray(Image.fromarray(image).convert("HSV")).reshape(-1, 3) for image, _ in scenes])
+    labels = np.concatenate([label.ravel() for _, label in scenes])
+    angle = hsv[:, 0].astype(float) / 256 * 2 * np.pi
+    coloured = hsv[:, 1] > 60  # hue is meaningless on grey pixels (white bands, road)
+    resultant = [np.abs(np.exp(1j * angle[(labels == k) & coloured]).mean()) for k in range(len(data.TOY_CLASSES))]
+    assert min(resultant[0], resultant[1]) > 0.9  # sky, grass (the road is grey)
+    assert max(resultant[data.TOY_NUM_STUFF:]) < 0.35
 
-    train_x, train_y = pixels("train", 30)
-    val_x, val_y = pixels("val", 10)
-    means = np.stack([train_x[train_y == k].mean(0) for k in range(len(data.TOY_CLASSES))])
-    pred = np.argmin(((val_x[:, None] - means[None]) ** 2).sum(-1), 1)
-    recall = [(pred[val_y == k] == k).mean() for k in range(len(data.TOY_CLASSES)) if (val_y == k).any()]
-    assert np.mean(recall) > 0.6  # chance: 1/7
+
+def test_toy_synthetic_splits_are_subsets_of_the_pools():
+    pools = {split: [f"{split}/{i}" for i in range(knobs.count)] for split, knobs in data.TOY_SPLITS.items()}
+    n = len(pools["train"])
+    splits = data.toy_synthetic_splits(pools)
+    assert splits["synthetic"] == splits["synthetic_dense_fine"] == pools["synthetic_dense_fine"][:2 * n]
+    assert all(len(splits[kind]) == 2 * n for kind in pools if kind.startswith("synthetic_"))  # matched sizes
+    assert [len(splits[f"synthetic_x{m}"]) for m in data.TOY_SCALES] == [m * n for m in data.TOY_SCALES]
+    pool = splits["synthetic_pool"]
+    assert len(pool) == 4 * (n // 2) and len(set(pool)) == len(pool)
+    assert {line.split("/")[0] for line in pool} == {kind for kind in pools if kind.startswith("synthetic_")}
+
+
+def test_pretraining_world_has_its_own_classes_in_any_colour():
+    scenes = [data.render_pretrain_scene(np.random.default_rng([3, i]), 48) for i in range(40)]
+    labels = np.stack([label for _, label in scenes])
+    assert set(np.unique(labels)) == set(range(len(data.PRETRAIN_CLASSES)))  # every class appears
+    assert not set(data.PRETRAIN_CLASSES) & set(data.TOY_CLASSES)
+    again = data.render_pretrain_scene(np.random.default_rng([3, 0]), 48)
+    assert np.array_equal(again[0], scenes[0][0]) and np.array_equal(again[1], scenes[0][1])
 
 
 def test_toy_world_files_preview_and_check(tmp_path, monkeypatch):
