@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -61,12 +62,13 @@ class BackboneSpec:
     timm_kwargs: dict = field(default_factory=dict)
 
 
-# Taps and widths: DESIGN.md §2.2 (Depth Anything / UniMatch V2 DPT settings). DINOv3 sizes reuse the
-# DINOv2 settings of the same width and depth. The toy ViT is DINOv2's architecture shrunk for a CPU:
-# patch 8, width 128, 4 blocks, every block tapped, no LayerScale (it trains from random init).
+# Taps and widths: the Depth Anything / UniMatch V2 DPT settings. DINOv3 sizes reuse the DINOv2 settings of the
+# same width and depth. The toy ViT is DINOv2's architecture shrunk for a CPU: patch 8, width 128, 4 blocks, every
+# block tapped, no LayerScale; its weights come from pretrain_toy_backbone (the toy world's DINOv2, made on first use).
+TOY_WEIGHTS = "toy_vit_pretrain.pth"
 BACKBONES: dict[str, BackboneSpec] = {
-    "toy": BackboneSpec("vit_small_patch14_dinov2", 8, (0, 1, 2, 3), 32, (16, 32, 64, 128), None, True,
-                        dict(patch_size=8, img_size=96, embed_dim=128, depth=4, num_heads=4, init_values=None)),
+    "toy": BackboneSpec("vit_small_patch14_dinov2", 8, (0, 1, 2, 3), 32, (16, 32, 64, 128), TOY_WEIGHTS, True,
+                        dict(patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4, init_values=None)),
     "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", 14, (2, 5, 8, 11), 64, (48, 96, 192, 384),
                              "dinov2_vits14_pretrain.pth", True),
     "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", 14, (2, 5, 8, 11), 128, (96, 192, 384, 768),
@@ -138,7 +140,7 @@ def load_pretrained(backbone: str, path: str | Path, **timm_overrides) -> nn.Mod
         raise ValueError(f"--pretrained: backbone {backbone!r} has no official weights (random init only)")
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--pretrained: {path} is not a file (expected Meta's {spec.weights})")
+        raise ValueError(f"--pretrained: {path} is not a file (expected {spec.weights})")
     try:
         return _create_vit(spec, path, **timm_overrides)
     except RuntimeError as error:  # strict load: missing / unexpected keys or wrong shapes
@@ -149,18 +151,27 @@ def load_pretrained(backbone: str, path: str | Path, **timm_overrides) -> nn.Mod
                          f"(expected Meta's {spec.weights}): {detail}") from None
 
 
+NO_WEIGHTS = "none"  # --pretrained none: random init, on purpose
+
+
+def is_no_weights(pretrained) -> bool:
+    """True for the spelling --pretrained none (any case)."""
+    return isinstance(pretrained, str) and pretrained.lower() == NO_WEIGHTS
+
+
 def resolve_pretrained(backbone: str, pretrained: str | Path | bool | None = None) -> Path | None:
     """Which weight file to load: an explicit path, the official file under pretrained/, or none.
 
     Args:
         backbone: a name in BACKBONES.
         pretrained: a path (must exist); None = the official file under PRETRAINED_DIR when it exists, else
-            random init; True = that official file, which must exist; False = random init.
+            random init; True = that official file, which must exist; False or "none" = random init.
+            The toy backbone's file is made by pretrain_toy_backbone when it is not there yet (None or True).
     Returns:
         The file to load, or None for random init.
     """
     spec = _spec(backbone)
-    if pretrained is False or (pretrained is None and spec.weights is None):
+    if pretrained is False or is_no_weights(pretrained) or (pretrained is None and spec.weights is None):
         return None
     if pretrained is None or pretrained is True:
         if spec.weights is None:
@@ -168,6 +179,8 @@ def resolve_pretrained(backbone: str, pretrained: str | Path | bool | None = Non
         path = PRETRAINED_DIR / spec.weights
         if path.is_file():
             return path
+        if backbone == "toy":
+            return pretrain_toy_backbone(path)
         if pretrained is True:
             raise ValueError(f"--pretrained: {path} not found; download Meta's {spec.weights} there")
         return None
@@ -314,6 +327,64 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
         model = build_mask2former(vit, spec, num_classes)  # the Mask2Former section below
     model.pretrained_file = None if path is None else str(path)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy backbone's pretraining: the toy world's DINOv2. The real backbones come to SENSE pretrained on other
+# images than the segmentation data; so does the toy ViT: a linear classifier on its last tokens learns the
+# pretraining world's own 9 classes (data.render_pretrain_scene: textures and shapes, no toy-world image, no
+# toy-world class), then only the ViT is kept. A linear head, as in DINOv2's linear probes, puts the semantics in
+# the backbone (a DPT head would learn half of them itself) and costs a quarter of a DPT step. Made once, on first
+# use, in a few CPU minutes.
+
+TOY_PRETRAIN = dict(steps=1000, batch=16, size=64, lr=1e-3, weight_decay=0.01, seed=0)
+
+
+def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"], batch: int = TOY_PRETRAIN["batch"],
+                          size: int = TOY_PRETRAIN["size"], lr: float = TOY_PRETRAIN["lr"],
+                          seed: int = TOY_PRETRAIN["seed"], progress: bool = True) -> Path:
+    """Pretrain the toy ViT on the pretraining world and write its weights (timm format, atomically) to path.
+
+    Args:
+        path: weight file to write (its folder is created).
+        steps, batch, size: AdamW steps, images per step, image side (fresh images every step).
+        lr: peak learning rate (poly decay, power 0.9), weight decay TOY_PRETRAIN["weight_decay"].
+        seed: images and initial weights are deterministic from it.
+        progress: show a progress bar.
+    Returns:
+        path as a Path.
+    """
+    import data  # the pretraining world lives with the other data
+    from tqdm import tqdm
+    path = Path(path)
+    spec = BACKBONES["toy"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit = _create_vit(spec, None)
+        probe = nn.Linear(vit.embed_dim, len(data.PRETRAIN_CLASSES))
+    net = nn.ModuleDict(dict(vit=vit, probe=probe)).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=TOY_PRETRAIN["weight_decay"])
+    bar = tqdm(range(steps), desc=f"pretraining the toy backbone -> {path}", disable=not progress, leave=False)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * (1 - step / steps) ** 0.9
+        scenes = [data.render_pretrain_scene(np.random.default_rng([seed, step, i]), size) for i in range(batch)]
+        images = data.normalize(np.stack([image for image, _ in scenes]))  # (b, 3, size, size)
+        labels = torch.from_numpy(np.stack([label for _, label in scenes])).long()  # (b, size, size)
+        grid = size // spec.patch_size
+        tokens = vit.forward_features(images)[:, vit.num_prefix_tokens:]  # (b, grid², D) after the final norm
+        logits = probe(tokens).transpose(1, 2).reshape(batch, -1, grid, grid)  # (b, classes, grid, grid)
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(vit.state_dict(), temporary)
+    os.replace(temporary, path)
+    return path
 
 
 def class_scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

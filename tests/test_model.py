@@ -63,7 +63,7 @@ def test_unknown_names_are_clear_errors():
         build_model("segformer", "toy", 3)
     with pytest.raises(ValueError, match="--backbone"):
         build_model("dpt", "dinov2_xl", 3)
-    with pytest.raises(ValueError, match="no official weights"):
+    with pytest.raises(ValueError, match="anything.pth is not a file"):
         build_model("dpt", "toy", 3, pretrained="anything.pth")
 
 
@@ -148,8 +148,40 @@ def test_default_weights_are_the_official_file_under_pretrained(tmp_path, monkey
     (tmp_path / "dinov2_vits14_pretrain.pth").write_bytes(b"")
     assert resolve_pretrained("dinov2_s") == tmp_path / "dinov2_vits14_pretrain.pth"
     assert resolve_pretrained("dinov2_s", False) is None
-    assert resolve_pretrained("toy") is None
+    assert resolve_pretrained("dinov2_s", "none") is None and resolve_pretrained("dinov2_s", "None") is None
     assert BACKBONES["dinov3_l"].weights.startswith("dinov3_vitl16_pretrain")
+
+
+def test_toy_backbone_is_pretrained_on_first_use_and_loaded_like_meta_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "PRETRAINED_DIR", tmp_path)
+    made = []
+    real = model.pretrain_toy_backbone
+
+    def tiny(path, **_):  # the real entry point, on a two-step budget
+        made.append(path)
+        return real(path, steps=2, batch=2, size=32, progress=False)
+
+    monkeypatch.setattr(model, "pretrain_toy_backbone", tiny)
+    path = tmp_path / model.TOY_WEIGHTS
+    assert resolve_pretrained("toy") == path and made == [path] and path.is_file()
+    assert resolve_pretrained("toy") == path and len(made) == 1  # made once, then found
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_model("dpt", "toy", 7)
+    assert net.pretrained_file == str(path)
+    assert all(torch.equal(weights[key], value) for key, value in net.backbone.state_dict().items())
+    random = build_model("dpt", "toy", 7, pretrained="none")
+    assert random.pretrained_file is None
+    assert not torch.equal(random.backbone.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+
+def test_pretraining_is_deterministic_and_learns(tmp_path):
+    first = model.pretrain_toy_backbone(tmp_path / "a.pth", steps=2, batch=2, size=32, progress=False)
+    again = model.pretrain_toy_backbone(tmp_path / "b.pth", steps=2, batch=2, size=32, progress=False)
+    a, b = (torch.load(p, map_location="cpu", weights_only=True) for p in (first, again))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untrained = build_model("dpt", "toy", 7, pretrained="none").backbone.state_dict()
+    assert any(not torch.equal(a[k], untrained[k]) for k in a)
 
 
 def test_class_scores_dpt_are_the_logits(toy):
