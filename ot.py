@@ -301,6 +301,7 @@ def ot_pseudo_labels(
     valid: torch.Tensor | None = None,
     *,
     conf_thresh: float = 0.95,
+    gate_on: str = "teacher",
     **sinkhorn_kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Soft OT targets and the confidence gate of SENSE's synthetic branch.
@@ -309,6 +310,8 @@ def ot_pseudo_labels(
         teacher_logits: (B, K, *spatial) teacher logits (any float dtype).
         valid: (B, *spatial) bool, False for padding (default: all valid).
         conf_thresh: γ; a pixel is supervised when the teacher's softmax maximum is >= γ (paper: 0.95).
+        gate_on: "teacher" (the paper: γ on the teacher's softmax, before OT) or "plan" (γ on the maximum
+            of the pixel's renormalised OT plan row, so that OT decides which pixels are trained on).
         **sinkhorn_kwargs: beta, iters, tol, class_marginal, min_prob, scope (see `sinkhorn`).
 
     Returns:
@@ -319,8 +322,10 @@ def ot_pseudo_labels(
     dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     log_p = F.log_softmax(teacher_logits.detach().to(dtype), dim=1)  # (B, K, *spatial)
     conf = log_p.amax(1).exp()  # (B, *spatial); NaN for non-finite rows, which fails the gate
+    if gate_on not in ("teacher", "plan"):
+        raise ValueError(f"ot_pseudo_labels: gate_on must be 'teacher' or 'plan', got {gate_on!r}")
     targets, stats = sinkhorn(log_p, valid, **sinkhorn_kwargs)
-    gate = conf >= conf_thresh
+    gate = (conf if gate_on == "teacher" else targets.amax(1)) >= conf_thresh
     if valid is not None:
         gate &= valid.to(torch.bool)
     gate &= targets.sum(1) > 0  # pixels that sinkhorn made invalid (non-finite) are never supervised

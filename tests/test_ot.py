@@ -393,3 +393,15 @@ def test_batch_scope_across_two_gloo_ranks(tmp_path):
     joined, _ = sinkhorn(extreme_batch(), scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
     parts = [torch.load(f"{store}.extreme.{r}.pt", weights_only=True) for r in range(2)]
     assert torch.allclose(torch.cat(parts), joined, atol=1e-5)
+
+
+def test_gate_on_plan_gates_the_ot_rows():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 5, 6, 6) * 5
+    targets, gate_teacher, _ = ot_pseudo_labels(logits, conf_thresh=0.9, beta=0.5, class_marginal="uniform")
+    _, gate_plan, _ = ot_pseudo_labels(logits, conf_thresh=0.9, gate_on="plan", beta=0.5, class_marginal="uniform")
+    assert torch.equal(gate_teacher, logits.softmax(1).amax(1) >= 0.9)
+    assert torch.equal(gate_plan, targets.amax(1) >= 0.9)
+    assert not torch.equal(gate_plan, gate_teacher)
+    with pytest.raises(ValueError, match="gate_on"):
+        ot_pseudo_labels(logits, gate_on="student")
