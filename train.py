@@ -4,8 +4,10 @@ Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segme
 DESIGN.md §2.3 (one iteration, step by step) and §2.4 (Mask2Former branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
-    python train.py --method supervised                      # real images only (batch 2B)
-    python train.py --method pseudo                          # hard argmax pseudo-labels: the paper's "w/o OT"
+    python train.py --method supervised                      # real images only (B per step; --real-batch 16: 2B)
+    python train.py --method pseudo                          # hard argmax pseudo-labels (no OT)
+    python train.py --method soft                            # the teacher's probabilities as targets (no OT)
+    python train.py --pretrained none                        # the toy ViT from random init instead of pretrained
     python train.py --arch mask2former                       # compact Mask2Former on the toy world
     python train.py --dataset cityscapes --arch dpt --synthetic data/synthetic/cityscapes/synthetic.txt
     torchrun --nproc_per_node 8 train.py --dataset ade20k --arch mask2former --synthetic S.txt
@@ -38,13 +40,13 @@ from tqdm import tqdm
 
 import data
 import model as models
-from eval import evaluate, format_table
+from eval import confusion_matrix, evaluate, format_table
 from ot import ot_pseudo_labels, soft_cross_entropy
 
 # Per-dataset presets (paper §4 / DESIGN.md §2.3). Flags left unset take these values.
 DATASET_PRESETS = {
     #              crop (dpt, m2f), epochs, batch per stream, OHEM, teacher TTA
-    "toy": dict(crop={"dpt": 96, "mask2former": 96}, epochs=12, batch_size=8, ohem=False, tta="flip"),
+    "toy": dict(crop={"dpt": 64, "mask2former": 64}, epochs=None, batch_size=8, ohem=False, tta="flip"),
     "cityscapes": dict(crop={"dpt": 798, "mask2former": 768}, epochs=180, batch_size=8, ohem=True, tta="flip"),
     "ade20k": dict(crop={"dpt": 518, "mask2former": 640}, epochs=60, batch_size=8, ohem=False, tta="scales"),
     "coco": dict(crop={"dpt": 518, "mask2former": 640}, epochs=20, batch_size=16, ohem=False, tta="scales"),
@@ -54,15 +56,29 @@ ARCH_PRESETS = {
     "dpt": dict(lr=5e-6, head_lr_mult=40.0, weight_decay=0.01, ot_marginal="present", backbone="dinov2_s"),
     "mask2former": dict(lr=5e-6, head_lr_mult=10.0, weight_decay=0.05, ot_marginal="uniform", backbone="dinov3_l"),
 }
-# The toy ViT starts from random weights, so the pretrained-backbone learning rate of 5e-6 would leave it
-# untrained; these values were chosen on the toy world (README, "Training and evaluation").
-TOY_OPTIM = dict(lr=5e-4, head_lr_mult=2.0)
+# Toy-only choices, each with its reason:
+#   iters 300: a fixed number of steps whatever the synthetic set's size, so every study compares equal compute
+#     (an epoch over the real set is 7.5 steps: the 60 labelled images are seen 40 times, the baseline saturates);
+#   lr 5e-4, head ×4: the pretrained toy ViT is 4 blocks of width 128, far from DINOv2's 5e-6 regime (1e-3 with
+#     head ×10 diverged); from random init (--pretrained none) the backbone takes 5e-4 and head ×2;
+#   EMA λ_max 0.98: 0.996 averages over ~250 steps, most of a 300-step run; 0.98 (~50 steps) keeps the teacher as
+#     near the student as 0.996 is in the paper's runs of tens of thousands of steps;
+#   evaluation every 100 steps: 3 evaluations keep a run at minutes.
+TOY_OPTIM = dict(lr=5e-4, head_lr_mult=4.0)
+TOY_OPTIM_RANDOM_INIT = dict(lr=5e-4, head_lr_mult=2.0)
+TOY_SCHEDULE = dict(iters=300, eval_every=100, ema_decay=0.98)
+EMA_DECAY = 0.996  # λ_max of the EMA teacher (paper)
 # Mask2Former synthetic branch (DESIGN.md §2.4, as the reference runs it): matching costs and loss weights.
 M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=2.0, mask_weight=5.0,
                      dice_weight=0.0, no_object_weight=0.02, skip_empty_ce=True)
+METHODS = ("supervised", "pseudo", "soft", "sense")
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
 PANEL_SAMPLES = 4  # synthetic samples drawn in each picture panel
-PANEL_CAPTION = 14  # pixels of the text line above a panel (PIL's default font is 11 px high)
+PANEL_SCALE = 3  # each crop drawn 3× (nearest), so a class of students can read a 64-pixel toy crop
+PANEL_LINE = 14  # pixels of one text line (PIL's default font is 11 px high)
+# The "OT changed" column: where the target's label differs from the teacher's argmax
+CHANGED_COLOURS = {"unchanged": (60, 60, 60), "changed, trained on": (255, 40, 40),
+                   "changed, not trained on": (255, 220, 0)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,22 +98,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--arch", default="dpt", choices=models.ARCHS, help="segmenter (default: dpt)")
     g.add_argument("--backbone", default=None, choices=sorted(models.BACKBONES),
                    help="backbone (default: toy on the toy world, dinov2_s for dpt, dinov3_l for mask2former)")
-    g.add_argument("--pretrained", default=None, help="Meta's weight file (default: pretrained/<official name> if present)")
+    g.add_argument("--pretrained", default=None,
+                   help="backbone weight file, or 'none' for random init (default: pretrained/<official name>; "
+                        "the toy ViT's file is made on first use)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", default="sense", choices=("supervised", "pseudo", "sense"),
-                   help="supervised: real only; pseudo: hard pseudo-labels (w/o OT); sense: OT targets (default: sense)")
+    g.add_argument("--method", default="sense", choices=METHODS,
+                   help="supervised: real only; pseudo: hard labels (argmax); soft: the teacher's probabilities; "
+                        "sense: OT targets (default: sense)")
+    g.add_argument("--real-batch", type=int, default=None,
+                   help="real images per step (default: B, the paper's baseline too; 2B gives supervised SENSE's compute)")
     g.add_argument("--conf-thresh", type=float, default=0.95, help="γ (and δ for Mask2Former), confidence gate (default: 0.95)")
     g.add_argument("--ot-beta", type=float, default=0.05, help="β, entropic regularisation (default: 0.05)")
     g.add_argument("--ot-iters", type=int, default=3, help="Sinkhorn iterations (default: 3, the reference code)")
     g.add_argument("--ot-scope", default="batch", choices=("image", "batch"),
                    help="one OT problem per image or per batch (all ranks) (default: batch, the reference code)")
-    g.add_argument("--ot-marginal", default=None, choices=("uniform", "present"),
-                   help="class marginal (default: present for dpt, uniform for mask2former)")
+    g.add_argument("--ot-marginal", default=None, choices=("uniform", "present", "prior"),
+                   help="class marginal: uniform, present (classes the teacher sees), prior (the labelled split's "
+                        "class pixel frequencies) (default: present for dpt, uniform for mask2former)")
+    g.add_argument("--ot-gate", default="teacher", choices=("teacher", "plan"),
+                   help="γ gate on the teacher's softmax (the paper) or on the OT plan's rows (default: teacher)")
     g.add_argument("--ot-min-prob", type=float, default=0.01, help="threshold of 'present' classes (default: 0.01)")
     g.add_argument("--tta", default=None, choices=("none", "flip", "scales"),
                    help="teacher TTA on half the synthetic batch (default: flip Cityscapes/toy, scales×flip ADE20K/COCO)")
     g.add_argument("--no-cutmix", action="store_true", help="disable CutMix of the strong views (default: on)")
-    g.add_argument("--ema-decay", type=float, default=0.996, help="λ_max of the EMA teacher (default: 0.996)")
+    g.add_argument("--ema-decay", type=float, default=None, help="λ_max of the EMA teacher (default: 0.996; toy 0.98)")
     g.add_argument("--ohem", default=None, choices=("on", "off"), help="OHEM for L_x (default: on for Cityscapes)")
     g.add_argument("--m2f-ignore-as-negative", action="store_true",
                    help="count ignored synthetic pixels as mask negatives, as the reference code (default: excluded)")
@@ -139,11 +163,16 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     args.tta = args.tta or ds["tta"]
     args.ohem = args.ohem or ("on" if ds["ohem"] else "off")
     args.ot_marginal = args.ot_marginal or arch["ot_marginal"]
-    optim = {**arch, **(TOY_OPTIM if args.backbone == "toy" else {})}
+    random_init = models.is_no_weights(args.pretrained)
+    optim = {**arch, **((TOY_OPTIM_RANDOM_INIT if random_init else TOY_OPTIM) if args.backbone == "toy" else {}),
+             **(TOY_SCHEDULE if toy else {})}
     args.lr = args.lr if args.lr is not None else optim["lr"]
     args.head_lr_mult = args.head_lr_mult if args.head_lr_mult is not None else optim["head_lr_mult"]
     args.weight_decay = args.weight_decay if args.weight_decay is not None else optim["weight_decay"]
     args.epochs = ds["epochs"]
+    args.iters = args.iters or optim.get("iters")
+    args.eval_every = args.eval_every or optim.get("eval_every")
+    args.ema_decay = args.ema_decay if args.ema_decay is not None else optim.get("ema_decay", EMA_DECAY)
     args.out = args.out or f"runs/{args.dataset}_{args.arch}_{args.method}"
     return args
 
@@ -244,6 +273,61 @@ def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
     return scores.softmax(1) if arch == "dpt" else scores
 
 
+def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Namespace,
+                   class_marginal: str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The synthetic branch's targets and γ gate, by method (paper: "OT assignment"; the others are ablations).
+
+    sense: OT plan rows (ot.ot_pseudo_labels), gate on the teacher (paper) or on the plan (--ot-gate plan);
+    soft: the teacher's probabilities; pseudo: one-hot of the teacher's argmax (DPT; Mask2Former takes the hard
+    label of its scores in any case). soft and pseudo gate on the teacher's maximum probability.
+
+    Args:
+        scores: (B, K, H, W) teacher scores (DPT logits / Mask2Former scores) of the CutMixed batch.
+        valid: (B, H, W) bool, False on padding.
+        class_marginal: "uniform", "present" or a (K,) tensor (the labelled set's frequencies).
+    Returns:
+        targets (B, K, H, W) float32 (rows sum to 1 on valid pixels), gate (B, H, W) bool, log values.
+    """
+    if args.method == "sense":
+        targets, gate, stats = ot_pseudo_labels(scores, valid, conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
+                                                beta=args.ot_beta, iters=args.ot_iters, class_marginal=class_marginal,
+                                                min_prob=args.ot_min_prob, scope=args.ot_scope)
+        return targets, gate, {"ot_err": stats["marginal_error"]}
+    targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
+    gate = (targets.amax(1) >= args.conf_thresh) & valid
+    if args.method == "pseudo" and args.arch == "dpt":
+        targets = F.one_hot(targets.argmax(1), targets.shape[1]).movedim(-1, 1).to(targets.dtype)
+    return targets, gate, {}
+
+
+def label_stats(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,
+                truth: torch.Tensor | None) -> dict:
+    """What OT did to the labels, and how right the pseudo-labels are (toy world: against the true layout).
+
+    Args:
+        teacher_label, target_label: (B, H, W) argmax of the teacher and of the targets.
+        gate: (B, H, W) bool, the pixels trained on.
+        truth: (B, H, W) true layout (255 = unknown), or None.
+    Returns:
+        ot_changed: share of the trained pixels whose label differs from the teacher's argmax (0 without OT);
+        acc_trained / acc_all: pseudo-label accuracy on the trained pixels / on all pixels with a true class;
+        acc_teacher: the teacher's argmax accuracy on all pixels with a true class.
+        An accuracy over no pixel is left out (not NaN), so that means over a log interval stay finite.
+    """
+    changed = target_label != teacher_label
+    stats = {"ot_changed": float(changed[gate].float().mean()) if gate.any() else 0.0}
+    if truth is not None:
+        known = truth != data.IGNORE_INDEX
+        right = target_label == truth
+        trained = gate & known
+        if trained.any():
+            stats["acc_trained"] = float(right[trained].float().mean())
+        if known.any():
+            stats["acc_all"] = float(right[known].float().mean())
+            stats["acc_teacher"] = float((teacher_label == truth)[known].float().mean())
+    return stats
+
+
 def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float, min_kept: int) -> tuple[torch.Tensor, int]:
     """Online hard example mining CE: pixels whose true-class probability is <= max(thresh, the min_kept-th
     smallest such probability) (UniMatch's ProbOhemCrossEntropy2d).
@@ -328,20 +412,88 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_panel(path: Path, rows: list[list[np.ndarray]], caption: str | None = None) -> None:
-    """Write a grid of (H, W, 3) uint8 pictures, one row per sample, under an optional line of text."""
-    h, w = rows[0][0].shape[:2]
-    top = PANEL_CAPTION if caption else 0
-    grid = np.zeros((top + len(rows) * (h + 2), max(len(r) for r in rows) * (w + 2), 3), np.uint8)
-    for i, row in enumerate(rows):
-        for j, picture in enumerate(row):
-            grid[top + i * (h + 2):top + i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = picture
+def changed_map(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,
+                valid: torch.Tensor) -> np.ndarray:
+    """(B, H, W, 3) uint8 picture of where OT changed the teacher's label: CHANGED_COLOURS, black on padding."""
+    colours = torch.tensor(list(CHANGED_COLOURS.values()), dtype=torch.uint8)  # (3, 3)
+    changed = target_label != teacher_label
+    kind = torch.where(changed, torch.where(gate, 1, 2), 0)  # (B, H, W) index into CHANGED_COLOURS
+    picture = colours[kind]
+    picture[~valid] = 0
+    return picture.numpy()
+
+
+def save_panel(path: Path, columns: list[tuple[str, np.ndarray]], *, legend: list[tuple[str, tuple[int, int, int]]],
+               caption: str | None = None, scale: int = PANEL_SCALE) -> None:
+    """Write a picture panel: one column per named picture kind, one row per sample, headers on top, a colour
+    legend below, an optional caption line above.
+
+    Args:
+        columns: (header, (n, H, W, 3) uint8 pictures) per column.
+        legend: (name, RGB colour) entries drawn as swatches under the grid.
+        caption: a line of text above everything.
+        scale: nearest-neighbour enlargement of every picture.
+    """
+    n, h, w = columns[0][1].shape[:3]
+    cell_h, cell_w = h * scale + 2, w * scale + 2
+    width = len(columns) * cell_w
+    legend_rows, x = 1, 0
+    for name, _ in legend:  # swatches wrap onto more lines when the panel is narrow
+        if x + 14 + 7 * len(name) > width:
+            legend_rows, x = legend_rows + 1, 0
+        x += 24 + 7 * len(name)
+    top = PANEL_LINE * (2 if caption else 1)  # caption, then the column headers
+    grid = np.zeros((top + n * cell_h + PANEL_LINE * legend_rows + 4, width, 3), np.uint8)
+    for j, (_, pictures) in enumerate(columns):
+        big = pictures.repeat(scale, 1).repeat(scale, 2)  # (n, scale·H, scale·W, 3)
+        for i in range(n):
+            grid[top + i * cell_h:top + i * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = big[i]
     panel = Image.fromarray(grid)
+    draw = ImageDraw.Draw(panel)
     if caption:
-        ImageDraw.Draw(panel).text((2, 1), caption, fill=(255, 255, 255))
+        draw.text((2, 1), caption, fill=(255, 255, 255))
+    for j, (header, _) in enumerate(columns):
+        draw.text((j * cell_w + 2, top - PANEL_LINE + 1), header, fill=(255, 255, 255))
+    x, y = 2, top + n * cell_h + 2
+    for name, colour in legend:
+        if x + 14 + 7 * len(name) > width:
+            x, y = 2, y + PANEL_LINE
+        draw.rectangle((x, y + 1, x + 10, y + 10), fill=tuple(colour))
+        draw.text((x + 14, y), name, fill=(255, 255, 255))
+        x += 24 + 7 * len(name)
     tmp = path.with_name(path.name + ".tmp.png")
     panel.save(tmp)
     os.replace(tmp, path)
+
+
+def save_confusion(path: Path, confusion: torch.Tensor, classes: tuple[str, ...]) -> str:
+    """Draw the confusion of the trained pseudo-labels against the true layouts (rows: true class, columns:
+    pseudo-label, each row in % of its pixels) to a small PNG; returns the same as a text table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    counts = confusion.double()
+    share = 100 * counts / counts.sum(1, keepdim=True).clamp_min(1)  # (K, K) row percentages
+    K = len(classes)
+    figure, axis = plt.subplots(figsize=(1.2 + 0.55 * K, 1.0 + 0.5 * K), dpi=100)
+    axis.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=100)
+    for i in range(K):
+        for j in range(K):
+            axis.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                      color="white" if share[i, j] > 60 else "black")
+    axis.set_xticks(range(K), classes, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(K), [f"{c} ({int(t)})" for c, t in zip(classes, counts.sum(1))], fontsize=8)
+    axis.set_xlabel("trained pseudo-label")
+    axis.set_ylabel("true class (trained pixels)")
+    figure.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp)
+    plt.close(figure)
+    os.replace(tmp, path)
+    header = "true \\ pseudo".ljust(14) + "".join(f"{c[:7]:>8}" for c in classes) + "   pixels"
+    lines = [header] + [f"{classes[i][:14]:<14}" + "".join(f"{share[i, j]:8.1f}" for j in range(K))
+                        + f"{int(counts[i].sum()):9d}" for i in range(K)]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -388,7 +540,7 @@ def main(argv=None) -> None:
         raise ValueError(f"--resume {resume}: checkpoint not found")
     student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
     B = args.batch_size
-    B_x = B if use_synthetic else 2 * B  # supervised: the whole batch is real (2B)
+    B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
     # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
     # sense would (the same budget); only without a synthetic set does it count passes over the real set.
     if use_synthetic:
@@ -425,6 +577,7 @@ def main(argv=None) -> None:
                "lr": args.lr * args.head_lr_mult, "base": args.lr * args.head_lr_mult}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
     start, best = 0, None
+    pseudo_confusion = torch.zeros(K, K, dtype=torch.int64)  # toy world; rows: true class, columns: trained label
     if resume is not None and resume.is_file():
         state = torch.load(resume, map_location="cpu", weights_only=True)
         for key in ("dataset", "arch", "backbone", "method"):
@@ -436,6 +589,7 @@ def main(argv=None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, best = state["step"], state["best_miou"]
+        pseudo_confusion = state.get("pseudo_confusion", pseudo_confusion)
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -448,7 +602,7 @@ def main(argv=None) -> None:
         if is_main:
             state = {"model": student.state_dict(), "ema": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "best_miou": best, "args": vars(args),
-                     "rng_cpu": torch.get_rng_state()}
+                     "rng_cpu": torch.get_rng_state(), "pseudo_confusion": pseudo_confusion}
             if device.type == "cuda":
                 state["rng_cuda"] = torch.cuda.get_rng_state(device)
             save_checkpoint(out / "last.pt", state)
@@ -464,9 +618,13 @@ def main(argv=None) -> None:
     val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
                                              batch_size=1, num_workers=args.workers, generator=torch.Generator())
     log_file = out / "metrics.jsonl"
-    ot_kwargs = dict(beta=args.ot_beta, iters=args.ot_iters, class_marginal=args.ot_marginal,
-                     min_prob=args.ot_min_prob, scope=args.ot_scope)
     ohem = args.ohem == "on"
+    class_marginal = args.ot_marginal
+    if args.ot_marginal == "prior":  # the labelled split's class pixel frequencies, a (K,) tensor
+        class_marginal = torch.tensor(data.class_frequencies(args.dataset, args.data_root, args.train_split, K,
+                                                             reduce_zero_label=reduce_zero))
+        if is_main:
+            print("class marginal (prior): " + " ".join(f"{n} {f:.3f}" for n, f in zip(spec.classes, class_marginal)))
     t_last, meter = time.perf_counter(), {}
     progress = tqdm(range(start, total), initial=start, total=total, disable=not is_main, desc="train", leave=False)
     for step in progress:
@@ -494,13 +652,9 @@ def main(argv=None) -> None:
                     sure = query_conf >= args.conf_thresh  # (B,)
                     keep = cutmix(sure[:, None, None].expand_as(box), box)
                     logs["image_ratio"] = float(sure.float().mean())  # share of images the gate keeps
-                # pseudo-labels: OT soft targets (sense) or the teacher's own distribution (pseudo)
-                if args.method == "sense":
-                    targets, gate, ot_stats = ot_pseudo_labels(scores_u, ~ignore_u, conf_thresh=args.conf_thresh, **ot_kwargs)
-                    logs["ot_err"] = ot_stats["marginal_error"]
-                else:
-                    targets = teacher_probabilities(scores_u, args.arch)  # (B, K, c, c)
-                    gate = (targets.amax(1) >= args.conf_thresh) & ~ignore_u
+                # pseudo-labels and the γ gate: OT targets (sense) or the teacher's own labels (pseudo, soft)
+                targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, class_marginal)  # (B, K, c, c)
+                logs.update(target_logs)
             # 4. student, one forward on [x; u_s]
             with autocast():
                 pred = net(torch.cat([image_x, image_s]) if use_synthetic else image_x)
@@ -519,8 +673,6 @@ def main(argv=None) -> None:
             loss_u = torch.zeros((), device=device)
             if use_synthetic:
                 if args.arch == "dpt":
-                    if args.method == "pseudo":  # hard labels: one-hot of the teacher's argmax
-                        targets = F.one_hot(targets.argmax(1), K).movedim(-1, 1).float()
                     loss_u = ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
                     label_u = torch.where(gate, targets.argmax(1), data.IGNORE_INDEX)  # for panels and accuracy
                 else:
@@ -532,10 +684,10 @@ def main(argv=None) -> None:
                                                      **M2F_SYNTHETIC)["loss"]
                     gate = label_u != data.IGNORE_INDEX
                 logs["mask_ratio"] = float(gate.float().mean())
-                if truth is not None:  # toy world: accuracy of argmax vs OT pseudo-labels on the true layout
-                    known = truth != data.IGNORE_INDEX
-                    logs["acc_argmax"] = float((scores_u.argmax(1) == truth)[known].float().mean())
-                    logs["acc_ot"] = float((targets.argmax(1) == truth)[known].float().mean())
+                logs.update(label_stats(scores_u.argmax(1), targets.argmax(1), gate, truth))
+                if truth is not None:  # toy world: which true class each trained pseudo-label had
+                    trained = gate & (truth != data.IGNORE_INDEX)
+                    pseudo_confusion += confusion_matrix(label_u[trained], truth[trained], K)
             loss = (loss_x + loss_u) / 2 if use_synthetic else loss_x
             # 6. backward (accumulated), optimizer step
             scaler.scale(loss / args.grad_accum).backward()
@@ -563,16 +715,22 @@ def main(argv=None) -> None:
         if is_main and use_synthetic and args.panel_every and (done % args.panel_every == 0 or done == total):
             n = min(PANEL_SAMPLES, B)
             student_u = pred_u if args.arch == "dpt" else models.mask2former_scores(pred_u, image_s.shape[-2:])
-            # image | teacher argmax | pseudo-label trained on (OT / hard; black = not gated) | student | truth (toy)
-            pictures = [data.denormalize(image_s[:n]), data.colorize(scores_u[:n].argmax(1).cpu(), spec.palette),
-                        data.colorize(label_u[:n].cpu(), spec.palette),
-                        data.colorize(student_u[:n].argmax(1).detach().cpu(), spec.palette)]
-            caption = None
+            palette = lambda label: data.colorize(label[:n].cpu(), spec.palette)  # noqa: E731
+            columns = [("weak view (CutMix)", data.denormalize(cutmix(image_w, box)[:n])),  # what the teacher saw
+                       ("teacher argmax", palette(scores_u.argmax(1))),
+                       ("OT changed", changed_map(scores_u[:n].argmax(1).cpu(), targets[:n].argmax(1).cpu(),
+                                                  gate[:n].cpu(), ~ignore_u[:n].cpu())),
+                       ("trained-on label", palette(label_u)),
+                       ("student (strong)", palette(student_u.argmax(1).detach()))]
+            caption = f"step {done}: {args.method}, trained pixels {logs['mask_ratio']:.1%}"
             if truth is not None:
-                pictures.append(data.colorize(truth[:n].cpu(), spec.palette))
-                caption = (f"step {done}: pseudo-label accuracy: teacher argmax {logs['acc_argmax']:.3f}, "
-                           f"{'OT' if args.method == 'sense' else 'trained-on'} {logs['acc_ot']:.3f}")
-            save_panel(out / "panels" / f"step{done:07d}.png", [[p[i] for p in pictures] for i in range(n)], caption)
+                columns.insert(1, ("true layout", palette(truth)))
+                accuracy = {key: f"{logs[key]:.3f}" if key in logs else "-" for key in ("acc_trained", "acc_all", "acc_teacher")}
+                caption += (f"; pseudo-label accuracy: trained pixels {accuracy['acc_trained']}, all pixels "
+                            f"{accuracy['acc_all']} (teacher argmax, all pixels {accuracy['acc_teacher']})")
+            legend = [*zip(spec.classes, spec.palette), ("not trained on", (0, 0, 0))] if K <= 40 else []
+            legend += [(f"OT: {name}", colour) for name, colour in CHANGED_COLOURS.items()]
+            save_panel(out / "panels" / f"step{done:07d}.png", columns, legend=legend, caption=caption)
         if done % args.eval_every == 0 or done == total:
             result = evaluate(teacher, val_loader, num_classes=K, mode=args.eval_mode, crop_size=args.crop_size,
                               device=device, amp_dtype=amp_dtype, progress=False)
@@ -581,7 +739,11 @@ def main(argv=None) -> None:
                 progress.write(f"step {done}: EMA mIoU {result['miou']:.2f} (best {best:.2f})")
                 with open(log_file, "a") as f:
                     iou = [None if math.isnan(v) else v for v in result["iou"]]  # JSON has no NaN
-                    f.write(json.dumps({"step": done, "miou": result["miou"], "iou": iou}) + "\n")
+                    line = {"step": done, "miou": result["miou"], "iou": iou, "classes": list(spec.classes),
+                            "things": list(data.thing_classes(args.dataset))}
+                    if pseudo_confusion.any():  # rows: true class, columns: trained pseudo-label (pixels)
+                        line["pseudo_confusion"] = pseudo_confusion.tolist()
+                    f.write(json.dumps(line) + "\n")
         stop_now = stop["requested"]
         if distributed:  # every rank stops at the same step, or the next collective would hang
             flag = torch.tensor(float(stop_now), device=device)
@@ -596,6 +758,10 @@ def main(argv=None) -> None:
     progress.close()
     if is_main and not stop["requested"] and start < total:
         print(format_table(result, spec.classes))
+        if pseudo_confusion.any():
+            table = save_confusion(out / "confusion.png", pseudo_confusion, spec.classes)
+            print(f"trained pseudo-labels against the true layouts, % of each true class ({out / 'confusion.png'}):")
+            print(table)
         print(f"EMA teacher mIoU {result['miou']:.2f} after {total} steps; run folder {out}")
     if distributed:
         dist.destroy_process_group()

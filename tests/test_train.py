@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 import data
+import model
 import train
 from model import build_model
 
@@ -43,8 +44,11 @@ def toy_root(tmp_path_factory) -> Path:
 
 
 def flags(root: Path, out: Path, *extra: str, iters: int = 2) -> list[str]:
+    """A tiny run; the toy backbone's weights are the session's stand-in file (tests/conftest.py), named explicitly
+    so that subprocesses, which do not see the patched model.PRETRAINED_DIR, never make the real one."""
     return ["--data-root", str(root), "--out", str(out), "--iters", str(iters), "--batch-size", "2", "--workers", "0",
-            "--eval-every", "2", "--crop-size", str(CROP), "--device", "cpu", *extra]
+            "--eval-every", "2", "--crop-size", str(CROP), "--device", "cpu",
+            "--pretrained", str(model.PRETRAINED_DIR / model.TOY_WEIGHTS), *extra]
 
 
 def run_script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -224,7 +228,9 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
     logs, evals = read_metrics(out)
     expected = {"step", "loss_x", "loss_u", "lr", "s_per_step"}
     if method != "supervised":
-        expected |= {"mask_ratio", "acc_argmax", "acc_ot"}
+        expected |= {"mask_ratio", "ot_changed", "acc_all", "acc_teacher"}
+        if "acc_trained" in logs[-1]:  # only when some pixel with a true class passed the gate
+            expected |= {"acc_trained"}
     if method == "sense":
         expected |= {"ot_err"}
     if method != "supervised" and arch == "mask2former":
@@ -233,6 +239,7 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
     assert all(np.isfinite(logs[-1][key]) for key in expected)
     assert logs[-1]["lr"] == pytest.approx(train.poly_lr(args["lr"], steps - 1, steps, args["poly_power"]))
     assert evals[-1]["step"] == steps and len(evals[-1]["iou"]) == K and 0 <= evals[-1]["miou"] <= 100
+    assert evals[-1]["classes"] == list(data.TOY_CLASSES) and evals[-1]["things"] == list(data.TOY_CLASSES[3:])
     state = load(out / "last.pt")
     assert {"model", "ema", "optimizer", "scaler", "step", "args", "best_miou", "rng_cpu"} <= set(state)
     assert state["step"] == steps and state["args"]["method"] == method
@@ -247,9 +254,11 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
     panels = sorted((out / "panels").glob("*.png"))
     if method == "supervised":
         assert panels == []
-    else:  # 2 samples × (image | teacher argmax | pseudo-label | student | toy truth)
+    else:  # 2 samples × (weak view | truth | teacher | OT changed | trained-on label | student), 3× enlarged
         assert [p.name for p in panels] == [f"step{steps:07d}.png"]
-        assert Image.open(panels[0]).size == (5 * (CROP + 2), train.PANEL_CAPTION + 2 * (CROP + 2))  # caption on top
+        width, height = Image.open(panels[0]).size
+        cell = train.PANEL_SCALE * CROP + 2
+        assert width == 6 * cell and height >= 2 * train.PANEL_LINE + 2 * cell + train.PANEL_LINE
     return state
 
 
@@ -442,3 +451,91 @@ def test_unknown_backbone_is_an_argparse_error(capsys):
         train.parse_args(["--backbone", "dinov2_xxl"])
     assert error.value.code == 2
     assert "argument --backbone: invalid choice: 'dinov2_xxl'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic branch's targets by method, the OT variants, the toy world's pseudo-label diagnostics
+
+
+def method_args(method: str, **changes) -> object:
+    args = train.resolve_presets(train.parse_args(["--method", method]))
+    for key, value in changes.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_soft_trains_on_the_teacher_probabilities_and_pseudo_on_its_argmax():
+    logits = torch.randn(2, K, 6, 6) * 4
+    valid = torch.ones(2, 6, 6, dtype=torch.bool)
+    valid[0, 0] = False
+    probabilities = logits.softmax(1)
+    gate = (probabilities.amax(1) >= 0.95) & valid
+    soft, soft_gate, _ = train.pseudo_targets(logits, valid, method_args("soft"), "present")
+    assert torch.allclose(soft, probabilities) and torch.equal(soft_gate, gate)
+    assert (soft.amax(1) < 1 - 1e-4).any()  # really soft targets, not one-hot
+    hard, hard_gate, _ = train.pseudo_targets(logits, valid, method_args("pseudo"), "present")
+    assert torch.equal(hard, torch.nn.functional.one_hot(logits.argmax(1), K).movedim(-1, 1).float())
+    assert torch.equal(hard_gate, gate)
+
+
+def test_plan_gate_gates_on_the_ot_rows_not_on_the_teacher():
+    torch.manual_seed(0)
+    logits = torch.randn(2, K, 8, 8) * 6
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    args = method_args("sense", ot_beta=0.5)  # a soft plan: its rows differ clearly from the teacher's softmax
+    targets, teacher_gate, _ = train.pseudo_targets(logits, valid, args, "uniform")
+    plan_targets, plan_gate, _ = train.pseudo_targets(logits, valid, method_args("sense", ot_beta=0.5, ot_gate="plan"),
+                                                      "uniform")
+    assert torch.allclose(targets, plan_targets)  # the same plan ...
+    assert torch.equal(teacher_gate, logits.softmax(1).amax(1) >= 0.95)
+    assert torch.equal(plan_gate, targets.amax(1) >= 0.95)  # ... gated by its own rows
+    assert not torch.equal(plan_gate, teacher_gate)
+
+
+def test_prior_marginal_is_the_labelled_split_class_frequencies(toy_root, tmp_path, capsys):
+    counts = np.zeros(K)
+    for _, label_file in data.read_split(toy_root / "train.txt"):
+        label = np.asarray(Image.open(label_file))
+        counts += np.bincount(label[label != 255].ravel(), minlength=K)[:K]
+    frequencies = data.class_frequencies("toy", toy_root, "train", K)
+    np.testing.assert_allclose(frequencies, counts / counts.sum())
+    run_main(flags(toy_root, tmp_path / "run", "--ot-marginal", "prior", iters=1))
+    printed = re.search(r"^class marginal \(prior\): (.*)$", capsys.readouterr().out, re.M).group(1).split()
+    np.testing.assert_allclose([float(v) for v in printed[1::2]], frequencies, atol=5e-4)  # what the run used
+
+
+def test_label_stats_count_ot_changes_on_trained_pixels_and_accuracy_on_the_truth():
+    teacher = torch.tensor([[[0, 1, 2, 3]]])
+    target = torch.tensor([[[0, 2, 2, 1]]])
+    gate = torch.tensor([[[True, True, False, False]]])
+    truth = torch.tensor([[[0, 2, 255, 3]]])
+    stats = train.label_stats(teacher, target, gate, truth)
+    assert stats["ot_changed"] == 0.5  # of the 2 trained pixels, 1 was relabelled
+    assert stats["acc_trained"] == 1.0 and stats["acc_all"] == pytest.approx(2 / 3)
+    assert stats["acc_teacher"] == pytest.approx(2 / 3)
+    assert "acc_trained" not in train.label_stats(teacher, target, torch.zeros_like(gate), truth)  # none trained
+    assert set(train.label_stats(teacher, target, gate, None)) == {"ot_changed"}
+
+
+def test_panel_has_a_header_over_every_column_and_a_legend(tmp_path):
+    pictures = np.full((2, 8, 8, 3), 128, np.uint8)
+    columns = [(f"column {j}", pictures) for j in range(3)]
+    legend = [("sky", (70, 130, 180)), ("grass", (107, 142, 35))]
+    train.save_panel(tmp_path / "panel.png", columns, legend=legend, caption="caption", scale=4)
+    panel = np.asarray(Image.open(tmp_path / "panel.png"))
+    cell = 4 * 8 + 2
+    assert panel.shape[1] == 3 * cell
+    header = panel[train.PANEL_LINE:2 * train.PANEL_LINE]
+    assert all(header[:, j * cell:(j + 1) * cell].any() for j in range(3))  # text over each column
+    grid_bottom = 2 * train.PANEL_LINE + 2 * cell
+    assert (panel[2 * train.PANEL_LINE:2 * train.PANEL_LINE + 32, :32] == 128).all()  # pictures enlarged 4×
+    legend_band = panel[grid_bottom:]
+    assert (legend_band == (70, 130, 180)).all(-1).any() and (legend_band == (107, 142, 35)).all(-1).any()
+
+
+def test_confusion_picture_and_table(tmp_path):
+    confusion = torch.tensor([[8, 2], [0, 5]])
+    table = train.save_confusion(tmp_path / "confusion.png", confusion, ("sky", "ball"))
+    assert Image.open(tmp_path / "confusion.png").size[0] > 100
+    rows = table.splitlines()
+    assert rows[1].split()[:3] == ["sky", "80.0", "20.0"] and rows[2].split()[:3] == ["ball", "0.0", "100.0"]
