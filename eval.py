@@ -1,6 +1,7 @@
-"""Evaluation: mIoU from a confusion matrix, three inference modes, per-class table, prediction on own images.
+"""Evaluation: mIoU from a confusion matrix, three inference modes, per-class table, prediction on own images,
+and the summary table and training curves of finished run folders.
 
-Paper: SENSE §4 "Evaluation" (mIoU; single-scale "s.s." and multi-scale "m.s." results); DESIGN.md §2.5.
+Paper: SENSE §4 "Evaluation" (mIoU; single-scale "s.s." and multi-scale "m.s." results).
 IoU_k = TP_k / (TP_k + FP_k + FN_k) over all valid pixels of the set (label 255 ignored), summed over the
 dataset and over DDP ranks; mIoU is the mean over the classes that occur in the target or the prediction.
 
@@ -8,15 +9,28 @@ dataset and over DDP ranks; mIoU is the mean over the classes that occur in the 
     python eval.py --checkpoint runs/cityscapes/last.pt --mode slide   # the paper's Cityscapes m.s. number
     python eval.py --checkpoint runs/ade20k/last.pt --mode ms          # scales {1.0, 1.25} × flip
     python eval.py --checkpoint runs/toy/last.pt --predict my_photos/ --out predictions/
+    python eval.py --summarize runs/study/methods/* --out runs/study/methods.md      # markdown table, seconds
+    python eval.py --plot runs/toy_dpt_sense runs/toy_dpt_supervised --out curves.png  # 2×2 curves, seconds
 
 Modes: `single` resizes each image to the nearest multiple of the patch size, predicts, resizes the logits
 back; `slide` averages softmax over crop × crop windows at stride ⌊2/3·crop⌋; `ms` averages the logits of
 scales {1.0, 1.25}, each with and without a horizontal flip.
 
+Run folders (--summarize, --plot) are read from their metrics.jsonl, one JSON object per line. Lines with
+"miou" are evaluations of the EMA teacher: "step", "miou" (%), "iou" (list, %, null = class absent from target
+and prediction), optionally "classes" (names of the "iou" entries; class0, class1, ... when missing) and
+"things" (names of the thing classes). Other lines are training logs: "step" and floats such as "loss_x",
+"loss_u", "mask_ratio", "ot_changed", "acc_trained", any of which may be missing. Runs whose folder names
+differ only by a seed suffix `_s<digits>` (sense_s0, sense_s1) form one group, one row of the table.
+
 Shapes: B batch, K classes, H×W image pixels.
 """
 import argparse
+import json
 import math
+import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +48,14 @@ MODES = ("single", "slide", "ms")
 MS_SCALES = (1.0, 1.25)  # multi-scale test scales (UniMatch V2 / SENSE evaluation)
 SLIDE_STRIDE = 2 / 3  # window stride as a fraction of the crop (UniMatch sliding-window evaluation)
 OVERLAY_ALPHA = 0.5  # weight of the colour mask in the overlay pictures
+SEED_SUFFIX = re.compile(r"_s\d+$")  # run-folder suffix of a seed: sense_s0, sense_s1 → group sense
+SUMMARY_KEYS = ("mask_ratio", "ot_changed", "acc_trained")  # default --keys: training-log means in the table
+NO_VALUE = "–"  # table cell of a quantity that no run of the group logged
+KEY_DIGITS = 3  # significant digits of the --keys columns
+PLOT_PANELS = (("miou", "EMA mIoU (%)"), ("loss_x", "loss_x (labelled)"), ("loss_u", "loss_u (synthetic)"),
+               ("mask_ratio", "mask_ratio"))  # (metrics.jsonl key, panel title); "miou" from evaluation lines
+PLOT_INCHES, PLOT_DPI = (10, 7), 100  # 1000 × 700 px PNG
+PLOT_LINE_STYLES = ("-", "--", ":", "-.")  # seeds of one group: one colour, one style each
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,9 +275,234 @@ def predict_folder(model: nn.Module, folder: Path, out: Path, palette, *, mode: 
     return len(paths)
 
 
-def main() -> None:
+# ----------------------------------------------------------------------------------------------------
+# Run folders: summary table and training curves (machinery; reads what train.py wrote)
+
+def run_group(run_dir: Path) -> str:
+    """Group of a run folder: its name without a trailing seed suffix (sense_s2 → sense)."""
+    return SEED_SUFFIX.sub("", Path(run_dir).name)
+
+
+def read_metrics(run_dir: Path, *, need_eval: bool = True) -> tuple[list[dict], list[dict]]:
+    """Training and evaluation lines of a run folder's metrics.jsonl, each sorted by step.
+
+    A resumed run logs the steps between its last checkpoint and the interruption twice; the later line wins.
+
+    Args:
+        run_dir: a train.py run folder.
+        need_eval: raise when the file holds no evaluation line (the table needs one, the curves do not).
+    Returns:
+        (training lines, evaluation lines), lists of dicts; evaluation lines are the ones with "miou".
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (not a train.py run folder)")
+    train_by_step, eval_by_step = {}, {}
+    with open(path) as f:
+        for number, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                line = json.loads(text)
+            except json.JSONDecodeError:
+                line = None
+            if not isinstance(line, dict) or "step" not in line:
+                raise ValueError(f"{path} line {number}: not a JSON object with a \"step\"")
+            (eval_by_step if "miou" in line else train_by_step)[line["step"]] = line
+    if need_eval and not eval_by_step:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no evaluation line (a line with \"miou\")")
+    train_lines = [train_by_step[step] for step in sorted(train_by_step)]
+    eval_lines = [eval_by_step[step] for step in sorted(eval_by_step)]
+    return train_lines, eval_lines
+
+
+def _class_iou(line: dict, run_dir: Path) -> dict:
+    """Class name → IoU (%, None = absent) of an evaluation line; class0, class1, ... without "classes"."""
+    names = line.get("classes") or [f"class{k}" for k in range(len(line["iou"]))]
+    if len(names) != len(line["iou"]):
+        raise ValueError(f"{run_dir}: evaluation at step {line['step']} has {len(names)} classes "
+                         f"but {len(line['iou'])} IoU values")
+    return dict(zip(names, line["iou"]))
+
+
+def _thing_iou(line: dict, run_dir: Path) -> float | None:
+    """Mean IoU (%) of the thing classes of an evaluation line, nulls left out; None without things."""
+    iou = _class_iou(line, run_dir)
+    values = []
+    for name in line.get("things") or []:
+        if name not in iou:
+            raise ValueError(f"{run_dir}: thing class {name!r} is not among the evaluation's classes")
+        if iou[name] is not None:
+            values.append(iou[name])
+    return sum(values) / len(values) if values else None
+
+
+def _mean_std(values: list[float], decimals: int | None = 2) -> str:
+    """'mean ± std' (sample std, ddof=1) with decimals, None = KEY_DIGITS significant digits of the mean.
+
+    The mean alone for one value, NO_VALUE for none.
+    """
+    if not values:
+        return NO_VALUE
+    mean = float(np.mean(values))
+    if decimals is None:  # key columns differ in scale (lr 1e-4, mask_ratio 0.5): the mean's digits decide
+        magnitude = math.floor(math.log10(abs(mean))) if math.isfinite(mean) and mean != 0 else 0
+        decimals = max(0, KEY_DIGITS - 1 - magnitude)
+    if len(values) == 1:
+        return f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {float(np.std(values, ddof=1)):.{decimals}f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """Markdown table padded to column width; the first column left-aligned, the numbers right-aligned."""
+    widths = [max(3, *(len(cell) for cell in column)) for column in zip(header, *rows)]
+    lines = []
+    for cells in [header, None, *rows]:
+        if cells is None:  # the separator row sets the alignment
+            cells = [":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+        padded = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
+        lines.append("| " + " | ".join(padded) + " |")
+    return "\n".join(lines)
+
+
+def summarize(run_dirs: list[Path], keys: tuple[str, ...] | list[str] = SUMMARY_KEYS,
+              per_class: bool = False) -> str:
+    """One markdown table of run folders: a row per group of seeds, final EMA mIoU and training-log means.
+
+    Args:
+        run_dirs: train.py run folders; groups (seed suffix removed) in order of first appearance.
+        keys: training-log keys to average over each run's log lines; only keys some run logged get a column.
+        per_class: add one column per class with the final IoU.
+    Returns:
+        The table, a blank line and one line saying how many runs were read and what the cells mean.
+        mIoU, things and class cells are mean ± sample std over the group's runs (the mean alone for one run).
+    Raises:
+        ValueError: a folder without metrics.jsonl or without an evaluation line, or a group whose runs end
+        at different steps (a half-finished run).
+    """
+    keys = list(dict.fromkeys(keys))  # a key given twice is one column
+    # 1. read each run: its last evaluation, and the mean of every key over its training lines
+    groups: dict[str, list[dict]] = {}
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        train_lines, eval_lines = read_metrics(run_dir)
+        final = eval_lines[-1]
+        key_means = {}
+        for key in keys:
+            values = [line[key] for line in train_lines if line.get(key) is not None]
+            if values:
+                key_means[key] = sum(values) / len(values)
+        groups.setdefault(run_group(run_dir), []).append(dict(
+            step=final["step"], miou=final["miou"], iou=_class_iou(final, run_dir),
+            things=_thing_iou(final, run_dir), names_things="things" in final, keys=key_means))
+    # 2. every run of a group must have reached the same final evaluation
+    for group, runs in groups.items():
+        steps = list(dict.fromkeys(run["step"] for run in runs))  # distinct, in command-line order
+        if len(steps) > 1:
+            raise ValueError(f"group {group}: runs end at different steps ({', '.join(str(s) for s in steps)})")
+    # 3. columns: things only when evaluations name them; classes in order of first appearance
+    all_runs = [run for runs in groups.values() for run in runs]
+    show_things = any(run["names_things"] for run in all_runs)
+    class_names = []
+    if per_class:
+        for run in all_runs:
+            for name in run["iou"]:
+                if name not in class_names:
+                    class_names.append(name)
+    key_columns = [key for key in keys if any(key in run["keys"] for run in all_runs)]
+    header = ["run", "seeds", "mIoU"] + (["things"] if show_things else []) + class_names + key_columns
+    # 4. one row per group
+    rows = []
+    for group, runs in groups.items():
+        row = [group, str(len(runs)), _mean_std([run["miou"] for run in runs])]
+        if show_things:
+            row.append(_mean_std([run["things"] for run in runs if run["things"] is not None]))
+        for name in class_names:
+            row.append(_mean_std([run["iou"][name] for run in runs if run["iou"].get(name) is not None]))
+        for key in key_columns:
+            row.append(_mean_std([run["keys"][key] for run in runs if key in run["keys"]], decimals=None))
+        rows.append(row)
+    count = len(all_runs)
+    footer = (f"{count} run{'s' if count != 1 else ''} read in {len(groups)} group{'s' if len(groups) != 1 else ''}. "
+              f"mIoU, things (mean IoU of the thing classes) and class columns: final EMA evaluation in %; "
+              f"{', '.join(key_columns) or 'key columns'}: mean over each run's training log lines. "
+              f"Cells are mean ± sample std (ddof=1) over the group's runs, the mean alone for one run; "
+              f"{NO_VALUE} = not logged.")
+    return _markdown_table(header, rows) + "\n\n" + footer
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """Call write(temporary path) next to path, then os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left behind when write failed
+    return path
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Write a 2×2 PNG of training curves: EMA mIoU, loss_x, loss_u and mask_ratio against step.
+
+    One line per run, labelled by its folder name; the runs of a group share a colour and differ by line
+    style. A panel whose key no run logged says "no data".
+
+    Args:
+        run_dirs: train.py run folders (a run without evaluations yet still plots its losses).
+        out: the PNG to write (1000 × 700 px).
+    Returns:
+        out, as a Path.
+    """
+    try:  # the Agg canvas directly: no pyplot state, no display; imported here so eval.py starts without it
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("--plot: needs matplotlib (pip install matplotlib)") from None
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    runs = [(run_dir, *read_metrics(run_dir, need_eval=False)) for run_dir in run_dirs]
+    groups = list(dict.fromkeys(run_group(run_dir) for run_dir in run_dirs))
+    figure = Figure(figsize=PLOT_INCHES, dpi=PLOT_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2).flatten()  # (4,) panels, row by row
+    seeds_drawn = {group: 0 for group in groups}
+    handles = {}  # run name → its first line, for one legend that names every run
+    for run_dir, train_lines, eval_lines in runs:
+        group = run_group(run_dir)
+        colour = f"C{groups.index(group) % 10}"  # matplotlib's 10-colour cycle
+        style = PLOT_LINE_STYLES[seeds_drawn[group] % len(PLOT_LINE_STYLES)]
+        seeds_drawn[group] += 1
+        for axis, (key, _) in zip(axes, PLOT_PANELS):
+            lines = eval_lines if key == "miou" else train_lines
+            steps = [line["step"] for line in lines if line.get(key) is not None]
+            values = [line[key] for line in lines if line.get(key) is not None]
+            if steps:  # evaluations are sparse: markers keep a single one visible
+                (line,) = axis.plot(steps, values, color=colour, linestyle=style, linewidth=1.2,
+                                    marker="o" if key == "miou" else None, markersize=3, label=run_dir.name)
+                handles.setdefault(run_dir.name, line)
+    legend_drawn = False
+    for axis, (key, title) in zip(axes, PLOT_PANELS):
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if not axis.lines:
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes, color="gray")
+        elif not legend_drawn:  # in the first panel with data, naming also runs drawn only in later panels
+            axis.legend(handles=list(handles.values()), fontsize="small")
+            legend_drawn = True
+    return _write_atomic(Path(out), lambda path: figure.savefig(path, format="png"))
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="train.py checkpoint, e.g. runs/toy/last.pt")
+    # what to do: exactly one
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--checkpoint", help="train.py checkpoint to evaluate, e.g. runs/toy/last.pt")
+    task.add_argument("--summarize", nargs="+", metavar="RUN",
+                      help="run folders to summarise in one markdown table, e.g. runs/study/methods/*")
+    task.add_argument("--plot", nargs="+", metavar="RUN", help="run folders whose curves to draw (needs --out)")
     parser.add_argument("--weights", default="ema", choices=("ema", "model"),
                         help="which weights: the EMA teacher or the student (default: ema)")
     parser.add_argument("--mode", default="single", choices=MODES, help="inference mode (default: single)")
@@ -267,12 +514,36 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loader workers (default: 2)")
     # prediction on own images
     parser.add_argument("--predict", default=None, help="folder of images to segment instead of evaluating")
-    parser.add_argument("--out", default=None, help="output folder for --predict")
+    # run summaries
+    parser.add_argument("--keys", nargs="+", default=list(SUMMARY_KEYS),
+                        help="--summarize: training-log keys averaged per run, a column each when some run "
+                             f"logged them (default: {' '.join(SUMMARY_KEYS)})")
+    parser.add_argument("--per-class", action="store_true", help="--summarize: one IoU column per class")
+    parser.add_argument("--out", default=None,
+                        help="output: folder for --predict, markdown file for --summarize (optional), PNG for --plot")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.predict is not None and args.out is None:
         raise SystemExit("--out: needed with --predict (folder for the masks and overlays)")
+    if args.plot is not None and args.out is None:
+        raise SystemExit("--out: needed with --plot (the PNG to write, e.g. curves.png)")
 
+    # run folders: no model, no device
+    if args.summarize is not None or args.plot is not None:
+        try:
+            if args.summarize is not None:
+                table = summarize([Path(p) for p in args.summarize], keys=args.keys, per_class=args.per_class)
+                print(table)
+                if args.out is not None:
+                    _write_atomic(Path(args.out), lambda path: path.write_text(table + "\n"))
+                    print(f"wrote {args.out}")
+            else:
+                print(f"wrote {plot_runs([Path(p) for p in args.plot], Path(args.out))}")
+        except ValueError as error:
+            sys.exit(f"eval.py: {error}")
+        return
+
+    # a checkpoint: evaluate it on a labelled split, or predict on own images
     device = pick_device(args.device)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # bf16 autocast on CUDA, float32 elsewhere
     try:

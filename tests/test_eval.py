@@ -1,5 +1,9 @@
-"""eval.py: mIoU against torchmetrics, the three inference modes, DDP summation, the command line."""
+"""eval.py: mIoU against torchmetrics, the three inference modes, DDP summation, the command line, run summaries
+and training curves."""
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 import data
-from eval import confusion_matrix, evaluate, infer, main, miou_from_confusion
+from eval import confusion_matrix, evaluate, infer, main, miou_from_confusion, plot_runs, run_group, summarize
 from model import build_model
 
 
@@ -206,3 +210,182 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, checkpoint):
         with pytest.raises(SystemExit) as error:
             _run_cli(monkeypatch, *argv)
         assert flag in str(error.value) and "\n" not in str(error.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders: --summarize and --plot on hand-written metrics.jsonl files
+
+CLASSES = ["sky", "grass", "ball", "crate"]
+THINGS = ["ball", "crate"]
+
+
+def _fake_run(root, name: str, evaluations, training=(), named: bool = True):
+    """A run folder as train.py leaves it: args.json and metrics.jsonl (training lines, then evaluations).
+
+    evaluations: (step, miou, iou) triples; named: the lines carry "classes" and "things" (newer files).
+    """
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps({"method": "sense", "seed": 0, "dataset": "toy", "arch": "dpt",
+                                                  "out": str(folder)}))
+    lines = list(training)
+    for step, miou, iou in evaluations:
+        line = {"step": step, "miou": miou, "iou": iou}
+        if named:
+            line |= {"classes": CLASSES, "things": THINGS}
+        lines.append(line)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    """Cells of the markdown table at the top of a summary, header first, separator row dropped."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    return [rows[0]] + rows[2:]
+
+
+def _expected(values, spec: str = ".2f") -> str:
+    """'mean ± std' of values by numpy, sample std."""
+    return f"{np.mean(values):{spec}} ± {np.std(values, ddof=1):{spec}}"
+
+
+def test_run_group_strips_only_a_trailing_seed_suffix():
+    assert run_group(Path("runs/study/sense_s0")) == "sense"
+    assert run_group(Path("runs/sense_s12")) == "sense"
+    assert run_group(Path("runs/toy_dpt_supervised")) == "toy_dpt_supervised"
+    assert run_group(Path("runs/sense_s0_long")) == "sense_s0_long"
+    assert run_group(Path("runs/sense_sx")) == "sense_sx"
+
+
+def test_summarize_groups_seeds_and_reports_mean_and_sample_std(tmp_path):
+    iou = [90.0, 80.0, 40.0, 50.0]
+    runs = [_fake_run(tmp_path, "supervised_s0", [(150, 55.5, iou)])]
+    for seed, miou in enumerate([60.0, 62.0, 64.0]):
+        # an earlier evaluation with another number: only the last one counts
+        runs.append(_fake_run(tmp_path, f"sense_s{seed}", [(75, 10.0 + seed, iou), (150, miou, iou)]))
+    text = summarize(runs, keys=())
+    rows = _table_rows(text)
+    assert rows[0] == ["run", "seeds", "mIoU", "things"]
+    assert rows[1] == ["supervised", "1", "55.50", "45.00"]  # one run: the mean alone
+    assert rows[2] == ["sense", "3", "62.00 ± 2.00", "45.00 ± 0.00"]
+    assert rows[2][2] == _expected([60.0, 62.0, 64.0])
+    assert len(rows) == 3
+    assert text.splitlines()[-1].startswith("4 runs read in 2 groups.")
+
+
+def test_summarize_things_ignore_nulls_and_old_files_have_generic_names(tmp_path):
+    runs = [
+        _fake_run(tmp_path, "sense_s0", [(100, 61.0, [90.0, 80.0, 40.0, None])]),  # things: 40
+        _fake_run(tmp_path, "sense_s1", [(100, 63.5, [91.0, None, 30.0, 60.0])]),  # things: 45
+        _fake_run(tmp_path, "sense_s2", [(100, 62.0, [92.0, 81.0, None, None])]),  # no thing present: left out
+        _fake_run(tmp_path, "old_s0", [(100, 50.0, [70.0, 30.0])], named=False),
+    ]
+    rows = _table_rows(summarize(runs, keys=(), per_class=True))
+    assert rows[0] == ["run", "seeds", "mIoU", "things", *CLASSES, "class0", "class1"]
+    sense, old = rows[1], rows[2]
+    assert sense[:4] == ["sense", "3", _expected([61.0, 63.5, 62.0]), _expected([40.0, 45.0])]
+    assert sense[3] == "42.50 ± 3.54"
+    assert sense[4:] == [_expected([90.0, 91.0, 92.0]), _expected([80.0, 81.0]), _expected([40.0, 30.0]), "60.00",
+                         "–", "–"]
+    assert old == ["old", "1", "50.00", "–", "–", "–", "–", "–", "70.00", "30.00"]
+
+
+def test_summarize_averages_keys_over_log_lines_then_runs(tmp_path):
+    def training(mask_ratios, ot_changed=None):
+        lines = []
+        for i, ratio in enumerate(mask_ratios):
+            line = {"step": 10 * (i + 1), "loss_x": 1.0, "mask_ratio": ratio, "lr": 1e-4}
+            if ot_changed is not None:
+                line["ot_changed"] = ot_changed[i]
+            lines.append(line)
+        lines.append({"step": 10 * (len(mask_ratios) + 1), "loss_x": 1.0, "mask_ratio": None})  # null: left out
+        return lines
+
+    evaluation = [(50, 60.0, [1.0, 2.0, 3.0, 4.0])]
+    runs = [
+        _fake_run(tmp_path, "sense_s0", evaluation, training([0.2, 0.4], [0.01, 0.03])),  # means 0.3, 0.02
+        _fake_run(tmp_path, "sense_s1", evaluation, training([0.5, 0.6, 0.7])),  # 0.6, no ot_changed
+        _fake_run(tmp_path, "fixmatch_s0", evaluation, training([0.9])),
+    ]
+    rows = _table_rows(summarize(runs))  # default keys: acc_trained is in no run, so no column
+    assert rows[0] == ["run", "seeds", "mIoU", "things", "mask_ratio", "ot_changed"]
+    assert rows[1][4:] == [_expected([0.3, 0.6], ".3f"), "0.0200"]  # 3 significant digits of the mean
+    assert rows[1][4] == "0.450 ± 0.212"
+    assert rows[2][4:] == ["0.900", "–"]
+    assert _table_rows(summarize(runs, keys=["lr", "loss_u"]))[0][4:] == ["lr"]
+
+
+def test_summarize_errors_name_the_folder_or_group(tmp_path):
+    iou = [1.0, 2.0, 3.0, 4.0]
+    empty = tmp_path / "sense_s9"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="sense_s9: no metrics.jsonl"):
+        summarize([empty])
+    training_only = _fake_run(tmp_path, "running_s0", [], [{"step": 10, "loss_x": 1.0}])
+    with pytest.raises(ValueError, match="running_s0: metrics.jsonl has no evaluation line"):
+        summarize([training_only])
+    runs = [_fake_run(tmp_path, "sense_s0", [(150, 60.0, iou), (300, 61.0, iou)]),
+            _fake_run(tmp_path, "sense_s1", [(150, 60.0, iou)]),
+            _fake_run(tmp_path, "sense_s2", [(300, 60.0, iou)])]
+    with pytest.raises(ValueError) as error:
+        summarize(runs)
+    assert str(error.value) == "group sense: runs end at different steps (300, 150)"
+
+
+def test_cli_summarize_writes_out_and_modes_exclude_each_other(tmp_path, capsys):
+    runs = [_fake_run(tmp_path / "methods", f"sense_s{seed}", [(100, 60.0 + seed, [1.0, 2.0, 3.0, 4.0])],
+                      [{"step": 10, "mask_ratio": 0.5}]) for seed in range(2)]
+    out = tmp_path / "study" / "methods.md"
+    main(["--summarize", *map(str, runs), "--out", str(out), "--keys", "mask_ratio"])
+    expected = summarize(runs, keys=["mask_ratio"])
+    assert out.read_text() == expected + "\n"
+    assert expected in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["methods.md"]  # no temporary file left behind
+    with pytest.raises(SystemExit) as error:
+        main(["--summarize", str(tmp_path / "nothing_s0")])
+    assert str(error.value) == f"eval.py: {tmp_path / 'nothing_s0'}: no metrics.jsonl (not a train.py run folder)"
+    for argv, message in [([], "one of the arguments --checkpoint --summarize --plot is required"),
+                          (["--summarize", str(runs[0]), "--plot", str(runs[0])], "not allowed with argument")]:
+        with pytest.raises(SystemExit) as error:
+            main(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--out: needed with --plot"):
+        main(["--plot", str(runs[0])])
+
+
+def test_cli_as_a_subprocess_does_not_load_matplotlib_for_a_summary(tmp_path):
+    run = _fake_run(tmp_path, "sense_s0", [(100, 60.0, [1.0, 2.0, 3.0, 4.0])])
+    out = tmp_path / "table.md"
+    code = "import sys, eval; eval.main(sys.argv[1:]); print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code, "--summarize", str(run), "--out", str(out)],
+                            capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False"
+    assert out.read_text().startswith("| run ")
+
+
+def test_plot_runs_writes_a_small_png_also_without_loss_u(tmp_path):
+    def training(steps, with_u: bool):
+        lines = []
+        for step in steps:
+            line = {"step": step, "loss_x": 1.0 / step, "s_per_step": 0.1}
+            if with_u:
+                line |= {"loss_u": 0.5 / step, "mask_ratio": step / 100}
+            lines.append(line)
+        return lines
+
+    iou = [1.0, 2.0, 3.0, 4.0]
+    runs = [_fake_run(tmp_path, f"sense_s{seed}", [(20, 40.0 + seed, iou), (40, 50.0 + seed, iou)],
+                      training(range(10, 41, 10), with_u=True)) for seed in range(2)]
+    supervised = _fake_run(tmp_path, "supervised_s0", [(40, 45.0, iou)], training(range(10, 41, 10), with_u=False))
+    out = tmp_path / "plots" / "curves.png"
+    assert plot_runs([*runs, supervised], out) == out
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1000, 700)
+    assert out.stat().st_size < 300_000
+    # no run with loss_u or mask_ratio, and one without any evaluation yet: those panels say "no data"
+    fresh = _fake_run(tmp_path, "fresh", [], training([10], with_u=False))
+    main(["--plot", str(supervised), str(fresh), "--out", str(out)])
+    with Image.open(out) as image:
+        assert image.size == (1000, 700)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["curves.png"]
