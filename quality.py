@@ -14,6 +14,7 @@ the grey image and the JPEG compression ratio, both rising with high-frequency d
     python quality.py select --scores runs/quality/scores.csv --by both --top 0.5 \
         --out runs/quality/top.txt --sheet runs/quality/sheet.png
     python quality.py ladder --scores runs/quality/scores.csv --out-dir runs/quality/ladder
+    python quality.py gate --teacher runs/toy_dpt_supervised/last.pt --images data/toy/synthetic.txt  # per class
     python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes/last.pt --device cuda --out scores.csv
     python quality.py score --images /data/flux_seed0 --detector pretrained/grounding-dino-base --dataset cityscapes \
         --out scores.csv && python quality.py ladder --scores scores.csv --density boxes --out-dir ladder
@@ -113,13 +114,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--sheet", default=None, help="also draw a contact sheet of the extremes to this PNG")
         p.add_argument("--sheet-n", type=int, default=8, help="images per row of the contact sheet (default: 8)")
     select = sub.choices["select"]
-    select.add_argument("--by", choices=("density", "fidelity", "both"), required=True, help="score to rank by")
+    select.add_argument("--by", choices=("density", "fidelity", "both", "random"), required=True,
+                        help="score to rank by (random: a seeded draw of the same size, the control of a selection)")
+    select.add_argument("--seed", type=int, default=0, help="seed of --by random (default: 0)")
     which = select.add_mutually_exclusive_group(required=True)
     which.add_argument("--top", type=float, help="keep the highest-scoring fraction F in (0, 1]")
     which.add_argument("--bottom", type=float, help="keep the lowest-scoring fraction F in (0, 1]")
     select.add_argument("--out", required=True, help="split file to write")
     sub.choices["ladder"].add_argument("--out-dir", required=True,
                                        help="folder for the four <density>_<fidelity>.txt splits")
+
+    gate = sub.add_parser("gate", help="per class: what a teacher's confidence gate would train on, against the "
+                                       "true layouts (labelled splits, or synthetic images with stored layouts)")
+    gate.add_argument("--teacher", required=True, help="train.py checkpoint (its EMA teacher)")
+    gate.add_argument("--images", required=True, help="split file (.txt) of labelled or toy synthetic images")
+    gate.add_argument("--conf-thresh", type=float, default=0.95, help="γ, the confidence gate (default: 0.95)")
+    gate.add_argument("--max-images", type=int, default=None, help="the first N images only (default: all)")
+    gate.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device (default: auto)")
     return parser.parse_args(argv)
 
 
@@ -437,6 +448,59 @@ def teacher_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tens
     return model.class_scores(teacher, x).argmax(1)  # (B, h, w)
 
 
+@torch.no_grad()
+def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], dataset: str,
+                conf_thresh: float = 0.95) -> dict[str, np.ndarray]:
+    """Per class, what SENSE's γ gate lets through on images whose true layout is known.
+
+    The teacher sees each whole image (patch-multiple size, as teacher_labels); a pixel passes when its largest
+    class probability (DPT: softmax of the logits; Mask2Former: its scores) is >= conf_thresh.
+
+    Args:
+        teacher: a model from model.build_model, in eval mode.
+        samples: (image, true layout) pairs.
+        dataset: registry name of the layouts' classes.
+        conf_thresh: γ.
+    Returns:
+        "pixels" (K,) true pixels per class, "gated" (K,) of them passing the gate, "correct" (K,) of those with
+        the right label, "gated_as" (K,) gated pixels labelled as the class (right or wrong).
+    """
+    K = data.get_spec(dataset).num_classes
+    device = next(teacher.parameters()).device
+    counts = {name: np.zeros(K, np.int64) for name in ("pixels", "gated", "correct", "gated_as")}
+    for image_path, label_path in samples:
+        image = torch.from_numpy(data.load_image(image_path)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W)
+        truth = torch.from_numpy(data.load_label(dataset, label_path).astype(np.int64))[None, None].float()
+        patch = teacher.patch_size
+        size = (max(patch, round(image.shape[-2] / patch) * patch), max(patch, round(image.shape[-1] / patch) * patch))
+        x = (image.float() / 255 - torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(
+            data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        scores = model.class_scores(teacher, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        probabilities = scores.softmax(1) if teacher.arch == "dpt" else scores  # (1, K, h, w)
+        confidence, label = probabilities.max(1)  # (1, h, w)
+        truth = F.interpolate(truth, size=size, mode="nearest")[:, 0].long().to(device)  # (1, h, w)
+        known = truth != data.IGNORE_INDEX
+        gated = known & (confidence >= conf_thresh)
+        counts["pixels"] += torch.bincount(truth[known], minlength=K)[:K].cpu().numpy()
+        counts["gated"] += torch.bincount(truth[gated], minlength=K)[:K].cpu().numpy()
+        counts["correct"] += torch.bincount(truth[gated & (label == truth)], minlength=K)[:K].cpu().numpy()
+        counts["gated_as"] += torch.bincount(label[gated], minlength=K)[:K].cpu().numpy()
+    return counts
+
+
+def format_gate_report(counts: dict[str, np.ndarray], class_names: tuple[str, ...]) -> str:
+    """The gate report as a markdown table: per class, % of its pixels gated, % of those labelled right, and the
+    gated pixels labelled as the class."""
+    lines = ["| class | pixels | gated (% of the class) | right (% of the gated) | gated pixels labelled as it |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for k, name in enumerate(class_names):
+        pixels, gated, correct = counts["pixels"][k], counts["gated"][k], counts["correct"][k]
+        share = f"{100 * gated / pixels:.1f}" if pixels else "–"
+        right = f"{100 * correct / gated:.1f}" if gated else "–"
+        lines.append(f"| {name} | {pixels} | {share} | {right} | {counts['gated_as'][k]} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- density: open-vocabulary detector (the paper's)
 
 def load_detector(path: str | Path, device: torch.device) -> tuple:
@@ -584,8 +648,9 @@ def _percentile(values: np.ndarray) -> np.ndarray:
     return (rankdata(values) - 1) / max(1, len(values) - 1)
 
 
-def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast", density: str = "instances") -> np.ndarray:
-    """One score per row in [0, 1], higher = denser / finer.
+def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast", density: str = "instances",
+                seed: int = 0) -> np.ndarray:
+    """One score per row in [0, 1], higher = denser / finer (by="random": uniform draws seeded by `seed`).
 
     density = percentile of the density column; fidelity = mean percentile of the GLCM statistic (signed so
     that more detail ranks higher) and the compression ratio; both = mean of the two.
@@ -598,6 +663,8 @@ def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast", dens
     Returns:
         (len(rows),) float64.
     """
+    if by == "random":
+        return np.random.default_rng(seed).random(len(rows))
     column = lambda name: np.array([row[name] for row in rows], dtype=np.float64)  # noqa: E731
     if by in ("density", "both") and np.isnan(column(density)).any():
         flag = "--teacher CKPT" if density == "instances" else "--detector DIR"
@@ -721,9 +788,22 @@ def main(argv: list[str] | None = None) -> None:
             print(_summary({"all": rows}, "contrast"))
             print(f"wrote {len(rows)} rows to {args.out}")
             return
+        if args.command == "gate":
+            device = model.pick_device(args.device)
+            teacher, dataset = load_teacher(args.teacher, device)
+            samples = []
+            for image, label in list_images(args.images)[:args.max_images]:
+                label = label or data.truth_path(image)
+                if label is None or not Path(label).is_file():
+                    raise ValueError(f"--images: {image} has no label and no stored true layout")
+                samples.append((image, label))
+            counts = gate_report(teacher.eval(), samples, dataset or "toy", args.conf_thresh)
+            print(f"γ = {args.conf_thresh} gate of {args.teacher} on {len(samples)} images of {args.images}:")
+            print(format_gate_report(counts, data.get_spec(dataset or "toy").classes))
+            return
         rows = read_scores(args.scores)
         if args.command == "select":
-            score = rank_scores(rows, args.by, args.fidelity_stat, args.density)
+            score = rank_scores(rows, args.by, args.fidelity_stat, args.density, args.seed)
             top = args.top is not None
             chosen = select(rows, score, args.top if top else args.bottom, top)
             write_split(chosen, args.out)

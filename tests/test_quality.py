@@ -193,6 +193,14 @@ def test_cli_score_select_ladder(tmp_path):
     assert min(picked["dense_coarse"]["instances"], picked["dense_fine"]["instances"]) >= max(
         picked["sparse_coarse"]["instances"], picked["sparse_fine"]["instances"])
 
+    for seed in (0, 0, 1):  # the control of a selection: a seeded random subset of the same size
+        quality.main(["select", "--scores", str(tmp_path / "s.csv"), "--by", "random", "--top", "0.5",
+                      "--seed", str(seed), "--out", str(tmp_path / f"random{seed}.txt")])
+    drawn = [data.read_split(tmp_path / f"random{seed}.txt") for seed in (0, 1)]
+    assert all(len(split) == 2 for split in drawn)
+    expected = [rows[i]["image"] for i in np.argsort(-np.random.default_rng(0).random(4), kind="stable")[:2]]
+    assert [str(path.resolve()) for path, _ in drawn[0]] == [str(Path(p).resolve()) for p in expected]
+
     quality.main(["score", "--images", str(folder), "--out", str(tmp_path / "fidelity_only.csv")])
     with pytest.raises(SystemExit, match="--teacher"):
         quality.main(["select", "--scores", str(tmp_path / "fidelity_only.csv"), "--by", "density", "--top", "0.5",
@@ -266,3 +274,33 @@ def test_cli_detector_density(tiny_detector, tmp_path):
         quality.main(["select", "--scores", str(scores), "--by", "density", "--top", "0.5", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match=r"--detector: .* \(no config.json\)"):
         quality.main(["score", "--images", str(folder), "--detector", str(tmp_path), "--out", str(tmp_path / "y.csv")])
+
+
+class _LeftHalfTeacher(torch.nn.Module):
+    """A DPT-like teacher sure of class 1 on the left half of every image and unsure (uniform) on the right."""
+    arch, patch_size = "dpt", 8
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # a device to read
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 7, *x.shape[-2:])
+        logits[:, 1, :, :x.shape[-1] // 2] = 10.0
+        return logits
+
+
+def test_gate_report_counts_what_the_gate_lets_through(tmp_path):
+    truth = np.zeros((16, 16), np.uint8)  # sky everywhere ...
+    truth[8:, :] = 1  # ... grass in the bottom half
+    truth[0, 0] = 255  # one unknown pixel
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    Image.fromarray(truth).save(tmp_path / "a_truth.png")
+    counts = quality.gate_report(_LeftHalfTeacher(), [(image, tmp_path / "a_truth.png")], "toy", 0.95)
+    np.testing.assert_array_equal(counts["pixels"][:2], [127, 128])
+    np.testing.assert_array_equal(counts["gated"][:2], [63, 64])  # the left half of each, minus the unknown pixel
+    np.testing.assert_array_equal(counts["correct"][:2], [0, 64])  # sky gated as grass is wrong
+    np.testing.assert_array_equal(counts["gated_as"][:2], [0, 127])
+    table = quality.format_gate_report(counts, data.TOY_CLASSES)
+    assert "| sky | 127 | 49.6 | 0.0 | 0 |" in table and "| ball | 0 | – | – | 0 |" in table
