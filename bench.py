@@ -1,6 +1,6 @@
 """Benchmarks: speed and memory of each part against an independent reference, measured in one run.
 
-    python bench.py ot        # Sinkhorn vs POT and vs the exp-domain form (DESIGN.md §2.1)
+    python bench.py ot        # Sinkhorn vs POT and vs the exp-domain form (README "ot.py")
     python bench.py data      # augmentation pipelines vs a plain PIL + torchvision reference
     python bench.py quality   # GLCM / compression ratio vs scikit-image
 

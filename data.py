@@ -2,7 +2,7 @@
 
 Paper: the method (real labelled images + unlabelled synthetic images trained together; weak view for the EMA
 teacher, strong view + CutMix for the student) and the dual-factor analysis (sparse/dense scenes, coarse/fine fidelity). Recipe and data
-conventions: DESIGN.md §2.3 and §3.
+conventions: README "Data".
 
     python data.py toy --root data/toy --preview toy.png      # CPU, a few seconds: the toy world and a picture
     python data.py check --dataset cityscapes --root data/cityscapes --split val
@@ -945,7 +945,7 @@ def normalize(images: np.ndarray) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Augmentation (DESIGN.md §2.3). All randomness from torch's global generator: DataLoader worker seeding and the
+# Augmentation (the paper's weak and strong views). All randomness from torch's global generator: DataLoader worker seeding and the
 # RNG state saved in checkpoints then make every crop reproducible.
 
 def _uniform(low: float, high: float) -> float:

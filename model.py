@@ -2,7 +2,7 @@
 
 Paper: SENSE, "unified support for pixel-based and query-based segmenters" (DINOv2 + DPT, Mask2Former);
 DPT head from Ranftl et al., "Vision Transformers for Dense Prediction" (ICCV 2021), Fig. 1;
-DESIGN.md §2.2. Everything asks for a backbone by its name in `BACKBONES`; eval.py and quality.py rebuild
+README "Models". Everything asks for a backbone by its name in `BACKBONES`; eval.py and quality.py rebuild
 a model from the name stored in a checkpoint.
 
     python model.py                                   # toy ViT + DPT on CPU: parameters, one forward
@@ -294,7 +294,7 @@ class DPT(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_patch_multiple(images, self.patch_size)
-        # Final norm applied to every tap, class/register tokens dropped (DESIGN.md §2.2).
+        # Final norm applied to every tap, class/register tokens dropped (as Depth Anything's DPT does).
         tokens = self.backbone.forward_intermediates(
             images, indices=self.taps, norm=True, output_fmt="NCHW", intermediates_only=True)  # 4 × (B, D, h, w)
         logits = self.head(tokens)  # (B, K, 8h, 8w)
@@ -497,7 +497,7 @@ def main() -> None:
     print(f"forward {tuple(images.shape)} -> {tuple(scores.shape)} in {time.perf_counter() - start:.2f} s")
 
 
-# ---- Mask2Former (DESIGN.md §2.4) ----
+# ---- Mask2Former (paper: "pixel- and query-based segmenters"; README "Mask2Former") ----
 # Legend: B images, C ViT width, D decoder width, h×w patch grid, Q queries, K classes (index K =
 # no-object), L feature levels the transformers attend to, N tokens of all levels, n targets of one
 # image, M matched (query, target) pairs of a batch, P sampled points, H×W image or label size.

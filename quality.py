@@ -1,5 +1,5 @@
 """What makes synthetic images effective, measured: scene density and instance fidelity (the paper's
-dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; DESIGN.md §4).
+dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; README "What makes synthetic data effective").
 
 Density = instances per image: connected components per class of a teacher's argmax prediction (any
 checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them; or,

@@ -1,7 +1,7 @@
 """SENSE training: real labelled images + synthetic images with OT pseudo-labels from an EMA teacher.
 
 Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segmenters", "loss & training";
-DESIGN.md §2.3 (one iteration, step by step) and §2.4 (Mask2Former branch).
+README "Training and evaluation" (one iteration, step by step) and "Mask2Former" (its branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
     python train.py --method supervised                      # real images only (B per step; --real-batch 16: 2B)
@@ -43,7 +43,7 @@ import model as models
 from eval import confusion_matrix, evaluate, format_table
 from ot import ot_pseudo_labels, soft_cross_entropy
 
-# Per-dataset presets (paper §4 / DESIGN.md §2.3). Flags left unset take these values.
+# Per-dataset presets (paper, experiments). Flags left unset take these values.
 DATASET_PRESETS = {
     #              crop (dpt, m2f), epochs, batch per stream, OHEM, teacher TTA
     "toy": dict(crop={"dpt": 64, "mask2former": 64}, epochs=None, batch_size=8, ohem=False, tta="flip"),
@@ -68,7 +68,7 @@ TOY_OPTIM = dict(lr=5e-4, head_lr_mult=4.0)
 TOY_OPTIM_RANDOM_INIT = dict(lr=5e-4, head_lr_mult=2.0)
 TOY_SCHEDULE = dict(iters=300, eval_every=100, ema_decay=0.98)
 EMA_DECAY = 0.996  # λ_max of the EMA teacher (paper)
-# Mask2Former synthetic branch (DESIGN.md §2.4, as the reference runs it): matching costs and loss weights.
+# Mask2Former synthetic branch (as the reference code runs it): matching costs and loss weights.
 M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=2.0, mask_weight=5.0,
                      dice_weight=0.0, no_object_weight=0.02, skip_empty_ce=True)
 METHODS = ("supervised", "pseudo", "soft", "sense")
@@ -252,7 +252,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float) 
 
 
 def cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Inside sample b's box, take sample B−1−b (DESIGN.md §2.3, step 3).
+    """Inside sample b's box, take sample B−1−b (step 3 of the loop).
 
     Args:
         x: (B, ...) with the last two dims H, W (images, scores, masks, labels).
@@ -373,7 +373,7 @@ def split_outputs(out, n: int):
 
 @torch.no_grad()
 def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher class scores on the weak views; TTA on the first half of the batch (DESIGN.md §2.3, step 2).
+    """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
 
     Returns:
         scores (B, K, H, W) (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over queries
