@@ -3,6 +3,7 @@
     python bench.py ot        # Sinkhorn vs POT and vs the exp-domain form (README "ot.py")
     python bench.py data      # augmentation pipelines vs a plain PIL + torchvision reference
     python bench.py quality   # GLCM / compression ratio vs scikit-image
+    python bench.py gpu       # every GPU figure in one table (--device cpu --tiny: the same code on a CPU)
 
 Ratios, not absolute times, are the targets: both sides run on the same machine in the same process.
 Nothing here is a test; tests never time anything.
@@ -332,10 +333,231 @@ def bench_data(argv: list[str]) -> None:
                       f"   {stats[0][0]:>7.3f}/{stats[1][0]:<7.3f}{stats[0][1]:>7.3f}/{stats[1][1]:<7.3f}{difference:>10.2f}")
 
 
+GPU_SETUPS = {  # (arch, backbone, crop, B per stream): the paper's Cityscapes runs; --tiny: the toy world's sizes
+    "full": [("dpt", "dinov2_s", 798, 8), ("dpt", "dinov2_b", 798, 8), ("mask2former", "dinov3_l", 768, 8)],
+    "tiny": [("dpt", "toy", 64, 2), ("mask2former", "toy", 64, 2)],
+}
+GPU_OT = {"full": dict(batch=8, side=798, classes=(19, 150)), "tiny": dict(batch=2, side=48, classes=(19, 150))}
+GPU_GLCM = {"full": (1024, 2048), "tiny": (64, 128)}
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step; synchronises the device around each phase so that GPU work
+    is charged to the phase that queued it."""
+
+    def __init__(self, device):
+        import torch
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.total = {}
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def phase():
+            self.sync()
+            start = time.perf_counter()
+            yield
+            self.sync()
+            self.total[name] = self.total.get(name, 0.0) + time.perf_counter() - start
+        return phase()
+
+
+def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, amp_dtype, steps: int) -> dict:
+    """s/step, peak memory, and the shares of the teacher, OT and (Mask2Former) deformable attention in one
+    SENSE training step of train.py (Cityscapes preset: K = 19, flip TTA, OHEM for DPT), random init, random images."""
+    from copy import deepcopy
+
+    import torch
+
+    import data
+    import model as models
+    import train
+
+    args = train.resolve_presets(train.parse_args(["--dataset", "cityscapes", "--arch", arch, "--backbone", backbone,
+                                                   "--pretrained", "none", "--crop-size", str(crop),
+                                                   "--batch-size", str(batch)]))
+    K = data.get_spec("cityscapes").num_classes
+    torch.manual_seed(0)
+    student = models.build_model(arch, backbone, K, "none").to(device).train()
+    teacher = deepcopy(student).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    image_x, image_w, image_s = (torch.randn(batch, 3, crop, crop, generator=g).to(device) for _ in range(3))
+    blocks = torch.randint(K, (batch, 1, crop // 32 + 1, crop // 32 + 1), generator=g).float()
+    label_x = torch.nn.functional.interpolate(blocks, size=(crop, crop), mode="nearest")[:, 0].long().to(device)
+    valid = torch.ones(batch, crop, crop, dtype=torch.bool, device=device)
+    box = torch.stack([data.cutmix_box(crop, p=1.0) for _ in range(batch)]).to(device)  # (B, c, c)
+    timer = PhaseTimer(device)
+
+    def step(i: int) -> None:
+        with timer("teacher"), autocast():
+            scores, query_conf = train.teacher_predict(teacher, image_w, args.tta)  # (B, K, c, c)
+        mixed, scores = train.cutmix(image_s, box), train.cutmix(scores, box)
+        with timer("ot"):
+            targets, gate, _ = train.pseudo_targets(scores, valid, args, args.ot_marginal)
+        with timer("student"):
+            with autocast():
+                pred_x, pred_u = train.split_outputs(student(torch.cat([image_x, mixed])), batch)
+            if arch == "dpt":
+                loss_x, _ = train.ohem_cross_entropy(pred_x, label_x, train.OHEM_THRESH, train.OHEM_MIN_KEPT)
+                loss_u = train.soft_cross_entropy(pred_u, targets, gate)
+            else:
+                loss_x = models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, K))["loss"]
+                conf_u, label_u = targets.max(1)
+                label_u[conf_u < args.conf_thresh] = data.IGNORE_INDEX
+                loss_u = models.mask2former_loss(pred_u, models.semantic_to_targets(label_u, K),
+                                                 **train.M2F_SYNTHETIC)["loss"]
+            ((loss_x + loss_u) / 2).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            train.ema_update(teacher, student, i, args.ema_decay)
+
+    # Deformable attention: record the calls of one step, then replay them alone (forward, and backward for the
+    # student's calls) to charge its backward pass too, which hooks cannot see.
+    calls = []
+    attention = [m for m in (*student.modules(), *teacher.modules()) if type(m).__name__ == "MultiScaleDeformableAttention"]
+    hooks = [m.register_forward_hook(lambda m, inputs, out: calls.append((m, inputs, torch.is_grad_enabled())))
+             for m in attention]
+    step(0)  # warm-up (allocator, kernels) and the calls to replay
+    for hook in hooks:
+        hook.remove()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    timer.total = {}
+    start = time.perf_counter()
+    for i in range(1, steps + 1):
+        step(i)
+    timer.sync()
+    per_step = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    result = {"arch": arch, "backbone": backbone, "crop": crop, "batch": f"{batch} + {batch}", "s_per_step": per_step,
+              "peak_gib": peak, "teacher_share": timer.total["teacher"] / steps / per_step,
+              "ot_share": timer.total["ot"] / steps / per_step}
+    if calls:
+        def replay() -> None:
+            for module, (query, reference, value, shapes), grad in calls:
+                with torch.set_grad_enabled(grad), autocast():
+                    q, v = query.detach().requires_grad_(grad), value.detach().requires_grad_(grad)
+                    out = module(q, reference, v, shapes)
+                if grad:
+                    out.float().sum().backward()
+            student.zero_grad(set_to_none=True)
+        result["deform_share"] = median_time(lambda: (replay(), timer.sync()), repeats=3) / per_step
+    return result
+
+
+def bench_gpu(argv: list[str]) -> None:
+    """Every GPU figure in one run (README "Benchmarks"): training-step time and memory of DPT and Mask2Former at the
+    paper's sizes with the shares of teacher, OT and deformable attention; Sinkhorn against the exp-domain form at
+    full resolution; whether the device keeps float32 denormals; GLCM throughput. One table, one JSON file.
+
+        python bench.py gpu                         # CUDA, paper sizes, bf16 (~5 minutes on one H200-class GPU)
+        python bench.py gpu --device cpu --tiny     # the same code at toy sizes (under a minute on a laptop CPU)
+    """
+    import json
+    import math
+    import os
+    from pathlib import Path
+
+    import torch
+
+    import quality
+    from ot import sinkhorn
+    from tests.test_ot import reference_exp_domain
+
+    parser = argparse.ArgumentParser(prog="bench.py gpu")
+    parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes (toy ViT, crop 64, 2 + 2 images) for a CPU check")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per setup (default: 5; --tiny 2)")
+    parser.add_argument("--json", default="runs/bench_gpu.json", help="where to write the results (default: runs/bench_gpu.json)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench.py gpu: --device cuda but no CUDA device is visible (use --device cpu --tiny for the CPU check)")
+    size = "tiny" if args.tiny else "full"
+    steps = args.steps or (2 if args.tiny else 5)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    results = {"device": name, "torch": torch.__version__, "amp": str(amp_dtype), "steps": steps, "training": [],
+               "sinkhorn": []}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    for arch, backbone, crop, batch in GPU_SETUPS[size]:
+        results["training"].append(gpu_step_profile(arch, backbone, crop, batch, device, amp_dtype, steps))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ot_size = GPU_OT[size]
+    B, N = ot_size["batch"], ot_size["side"] ** 2
+    for K in ot_size["classes"]:
+        g = torch.Generator().manual_seed(K)  # a few confident classes per image, as a teacher's output
+        logits = torch.randn(B, K, N, generator=g)
+        label = torch.randint(min(K, 8), (B, N), generator=g)
+        logits.scatter_add_(1, label[:, None], torch.full((B, 1, N), 8.0))
+        log_p = logits.log_softmax(1).to(device)  # (B, K, N)
+        del logits, label
+        row = {"K": K, "batch": B, "pixels": N}
+        for marginal in ("uniform", "present"):
+            row[f"ours_{marginal}_ms"] = 1e3 * median_time(
+                lambda: (sinkhorn(log_p, iters=3, scope="batch", class_marginal=marginal), sync()), repeats=3)
+        row["exp_domain_ms"] = 1e3 * median_time(lambda: (reference_exp_domain(log_p, iters=3), sync()), repeats=3)
+        results["sinkhorn"].append(row)
+        del log_p
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # exp(-100) = 3.7e-44 is a float32 denormal: kept, the exp-domain form survives on near-uniform pixels down
+    # to p^20 ~ 1e-45 (K < 178); flushed to zero, every class below p = 0.0057 at a pixel is lost already.
+    denormal = float(torch.exp(torch.tensor(-100.0, device=device))) != 0.0
+    results["denormals_kept"] = denormal
+    results["denormals_meaning"] = (
+        "float32 denormals are kept: the exp-domain reference keeps near-uniform pixels up to K = 177 (p^20 >= 1.4e-45)"
+        if denormal else "float32 denormals are flushed: the exp-domain reference loses every class below p = 0.0118 "
+        "at a pixel (p^20 < 1.2e-38), and near-uniform pixels from K = 80 on")
+
+    height, width = GPU_GLCM[size]
+    grey = torch.randint(0, 256, (4, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    grey = grey.to(device)
+    t = median_time(lambda: (quality.glcm_features(grey), sync()), repeats=3)
+    results["glcm"] = {"size": f"{height}x{width}", "images_per_s": 4 / t}
+
+    rows = []
+    for r in results["training"]:
+        setting = f"{r['arch']} {r['backbone']} crop {r['crop']}, {r['batch']}"
+        rows.append((f"training step, {setting}", f"{r['s_per_step']:.3f} s/step"))
+        rows.append((f"peak memory, {setting}", "n/a on cpu" if math.isnan(r["peak_gib"]) else f"{r['peak_gib']:.1f} GiB"))
+        rows.append((f"teacher / OT share of the step, {setting}", f"{r['teacher_share']:.1%} / {r['ot_share']:.1%}"))
+        if "deform_share" in r:
+            rows.append((f"deformable attention share of the step, {setting}", f"{r['deform_share']:.1%}"))
+    for r in results["sinkhorn"]:
+        setting = f"K = {r['K']}, B = {r['batch']}, {r['pixels']} pixels each, 3 iterations"
+        for marginal in ("uniform", "present"):
+            ours = r[f"ours_{marginal}_ms"]
+            rows.append((f"sinkhorn {marginal} vs exp-domain form, {setting}",
+                         f"{ours:.1f} ms vs {r['exp_domain_ms']:.1f} ms ({r['exp_domain_ms'] / ours:.2f}x)"))
+    rows.append(("float32 denormals (exp(-100) != 0)", results["denormals_meaning"]))
+    rows.append((f"GLCM throughput, {results['glcm']['size']}", f"{results['glcm']['images_per_s']:.1f} images/s"))
+    print(f"bench.py gpu: {name}, torch {torch.__version__}, autocast {amp_dtype}, {steps} timed steps per setup")
+    print("| measurement | value |")
+    print("| --- | --- |")
+    for label, value in rows:
+        print(f"| {label} | {value} |")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"written: {out}")
+
+
 BENCHES = {}
 BENCHES["ot"] = bench_ot
 BENCHES["quality"] = bench_quality
 BENCHES["data"] = bench_data
+BENCHES["gpu"] = bench_gpu
 
 
 def main() -> None:
