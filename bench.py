@@ -449,6 +449,27 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     return result
 
 
+def gpu_sinkhorn_row(K: int, B: int, N: int, device, sync) -> dict:
+    """ms per call of ot.sinkhorn (both marginals) and of the exp-domain form, 3 iterations, one batch problem of B
+    images × N pixels of a segmentation-like teacher output (a few confident classes per image)."""
+    import torch
+
+    from ot import sinkhorn
+    from tests.test_ot import reference_exp_domain
+
+    g = torch.Generator().manual_seed(K)
+    logits = torch.randn(B, K, N, generator=g)
+    label = torch.randint(min(K, 8), (B, N), generator=g)
+    logits.scatter_add_(1, label[:, None], torch.full((B, 1, N), 8.0))
+    log_p = logits.log_softmax(1).to(device)  # (B, K, N)
+    row = {"K": K, "batch": B, "pixels": N}
+    for marginal in ("uniform", "present"):
+        row[f"ours_{marginal}_ms"] = 1e3 * median_time(
+            lambda: (sinkhorn(log_p, iters=3, scope="batch", class_marginal=marginal), sync()), repeats=3)
+    row["exp_domain_ms"] = 1e3 * median_time(lambda: (reference_exp_domain(log_p, iters=3), sync()), repeats=3)
+    return row
+
+
 def bench_gpu(argv: list[str]) -> None:
     """Every GPU figure in one run (README "Benchmarks"): training-step time and memory of DPT and Mask2Former at the
     paper's sizes with the shares of teacher, OT and deformable attention; Sinkhorn against the exp-domain form at
@@ -465,8 +486,6 @@ def bench_gpu(argv: list[str]) -> None:
     import torch
 
     import quality
-    from ot import sinkhorn
-    from tests.test_ot import reference_exp_domain
 
     parser = argparse.ArgumentParser(prog="bench.py gpu")
     parser.add_argument("--device", default="cuda", help="torch device (default: cuda)")
@@ -493,19 +512,7 @@ def bench_gpu(argv: list[str]) -> None:
     ot_size = GPU_OT[size]
     B, N = ot_size["batch"], ot_size["side"] ** 2
     for K in ot_size["classes"]:
-        g = torch.Generator().manual_seed(K)  # a few confident classes per image, as a teacher's output
-        logits = torch.randn(B, K, N, generator=g)
-        label = torch.randint(min(K, 8), (B, N), generator=g)
-        logits.scatter_add_(1, label[:, None], torch.full((B, 1, N), 8.0))
-        log_p = logits.log_softmax(1).to(device)  # (B, K, N)
-        del logits, label
-        row = {"K": K, "batch": B, "pixels": N}
-        for marginal in ("uniform", "present"):
-            row[f"ours_{marginal}_ms"] = 1e3 * median_time(
-                lambda: (sinkhorn(log_p, iters=3, scope="batch", class_marginal=marginal), sync()), repeats=3)
-        row["exp_domain_ms"] = 1e3 * median_time(lambda: (reference_exp_domain(log_p, iters=3), sync()), repeats=3)
-        results["sinkhorn"].append(row)
-        del log_p
+        results["sinkhorn"].append(gpu_sinkhorn_row(K, B, N, device, sync))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -5,10 +5,10 @@ Paper: SENSE §4 "Evaluation" (mIoU; single-scale "s.s." and multi-scale "m.s." 
 IoU_k = TP_k / (TP_k + FP_k + FN_k) over all valid pixels of the set (label 255 ignored), summed over the
 dataset and over DDP ranks; mIoU is the mean over the classes that occur in the target or the prediction.
 
-    python eval.py --checkpoint runs/toy/last.pt                       # CPU, toy world: per-class table
-    python eval.py --checkpoint runs/cityscapes/last.pt --mode slide   # the paper's Cityscapes m.s. number
-    python eval.py --checkpoint runs/ade20k/last.pt --mode ms          # scales {1.0, 1.25} × flip
-    python eval.py --checkpoint runs/toy/last.pt --predict my_photos/ --out predictions/
+    python eval.py --checkpoint runs/toy_dpt_sense/last.pt                       # CPU, toy world: per-class table
+    python eval.py --checkpoint runs/cityscapes_dpt_sense/last.pt --mode slide   # the paper's Cityscapes m.s. number
+    python eval.py --checkpoint runs/ade20k_dpt_sense/last.pt --mode ms          # scales {1.0, 1.25} × flip
+    python eval.py --checkpoint runs/toy_dpt_sense/last.pt --predict my_photos/ --out predictions/
     python eval.py --summarize runs/study/methods/* --out runs/study/methods.md      # markdown table, seconds
     python eval.py --plot runs/toy_dpt_sense runs/toy_dpt_supervised --out curves.png  # 2×2 curves, seconds
 
@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to do: exactly one
     task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--checkpoint", help="train.py checkpoint to evaluate, e.g. runs/toy/last.pt")
+    task.add_argument("--checkpoint", help="train.py checkpoint to evaluate, e.g. runs/toy_dpt_sense/last.pt")
     task.add_argument("--summarize", nargs="+", metavar="RUN",
                       help="run folders to summarise in one markdown table, e.g. runs/study/methods/*")
     task.add_argument("--plot", nargs="+", metavar="RUN", help="run folders whose curves to draw (needs --out)")

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from model import pick_device
 
 # Text-encoder limits, special tokens included: CLIP ViT-L/14's context (Flux uses only its pooled vector)
 # and FluxPipeline's default max_sequence_length for T5-XXL.
@@ -400,17 +400,6 @@ def resolve_shard(spec: str | None) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device auto: cuda (this rank's LOCAL_RANK under torchrun) -> mps -> cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device, offload: str, vae_tiling: bool):
     """FluxPipeline from a local folder or hub id, placed on device (or offloaded to the CPU)."""
     try:
@@ -505,7 +494,7 @@ def cmd_images(args: argparse.Namespace) -> None:
     if not re.fullmatch(r"[\w.+-]+", args.generator):
         raise SystemExit(f"--generator {args.generator}: expected a folder-name word (letters, digits, . _ + -)")
     shard, num_shards = resolve_shard(args.shard)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
 

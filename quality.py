@@ -10,12 +10,12 @@ the grey image and the JPEG compression ratio, both rising with high-frequency d
 
     python data.py toy --root data/toy                                   # the toy world, if not there yet
     python quality.py score --images data/toy/synthetic_dense_fine.txt --out runs/quality/scores.csv  # CPU, seconds
-    python quality.py score --images data/toy/synthetic.txt --teacher runs/toy/last.pt --out runs/quality/scores.csv
+    python quality.py score --images data/toy/synthetic.txt --teacher runs/toy_dpt_sense/last.pt --out runs/quality/scores.csv
     python quality.py select --scores runs/quality/scores.csv --by both --top 0.5 \
         --out runs/quality/top.txt --sheet runs/quality/sheet.png
     python quality.py ladder --scores runs/quality/scores.csv --out-dir runs/quality/ladder
     python quality.py gate --teacher runs/toy_dpt_supervised/last.pt --images data/toy/synthetic.txt  # per class
-    python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes/last.pt --device cuda --out scores.csv
+    python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes_dpt_sense/last.pt --device cuda --out scores.csv
     python quality.py score --images /data/flux_seed0 --detector pretrained/grounding-dino-base --dataset cityscapes \
         --out scores.csv && python quality.py ladder --scores scores.csv --density boxes --out-dir ladder
 
@@ -26,7 +26,6 @@ import argparse
 import csv
 import io
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +62,6 @@ MAX_UNITS_PER_TASK = 32
 # Below this many pixels per image, JPEG encoding runs without a thread pool: threads would cost more than
 # the encoding they share.
 PARALLEL_MIN_PIXELS = 1 << 18
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Detector density: boxes overlapping more than this (IoU) are one object, whichever prompt found them
 # (the usual NMS threshold of detection pipelines).
 DETECTOR_NMS_IOU = 0.5
@@ -571,9 +569,9 @@ def list_images(source: str | Path) -> list[tuple[Path, Path | None]]:
     """(image, label or None) of a folder (recursive) or a split file, in a fixed order."""
     source = Path(source)
     if source.is_dir():
-        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in source.rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES)
         if not images:
-            raise ValueError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files under {source}")
+            raise ValueError(f"--images: no {'/'.join(data.IMAGE_SUFFIXES)} files under {source}")
         return [(p, None) for p in images]
     if source.suffix == ".txt" and source.is_file():
         return data.read_split(source)
@@ -677,14 +675,9 @@ def rank_scores(rows: list[dict], by: str, fidelity_stat: str = "contrast", dens
 
 
 def write_split(rows: list[dict], path: str | Path) -> None:
-    """Split file of the rows' images (and labels), paths relative to the split file's folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for row in rows:
-        entries = [row["image"]] + ([row["label"]] if row["label"] else [])
-        lines.append(" ".join(os.path.relpath(Path(p).resolve(), path.parent.resolve()) for p in entries))
-    path.write_text("\n".join(lines) + "\n")
+    """Split file of the rows' images (and labels), written by data.write_split (atomic, paths relative to the split
+    file's folder where they lie below it)."""
+    data.write_split(path, [(Path(row["image"]), Path(row["label"]) if row["label"] else None) for row in rows])
 
 
 def select(rows: list[dict], score: np.ndarray, fraction: float, top: bool) -> list[dict]:
