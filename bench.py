@@ -224,7 +224,7 @@ def bench_data(argv: list[str]) -> None:
     import torch
     import torchvision.transforms as T
     import torchvision.transforms.functional as TF
-    from PIL import Image, ImageFilter
+    from PIL import Image
 
     import data
 
@@ -256,9 +256,6 @@ def bench_data(argv: list[str]) -> None:
             image, label = TF.hflip(image), TF.hflip(label)
         return image, label
 
-    jitter = T.RandomApply([T.ColorJitter(*data.JITTER)], p=data.JITTER_P)
-    grayscale = T.RandomGrayscale(p=data.GRAYSCALE_P)
-
     def reference_labelled(image_path, label_path, crop, lut):
         image, label = reference_geometry(Image.open(image_path).convert("RGB"), Image.open(label_path), crop)
         target = torch.from_numpy(lut[np.array(label)].astype(np.int64))
@@ -267,9 +264,7 @@ def bench_data(argv: list[str]) -> None:
     def reference_synthetic(image_path, crop):
         image = Image.open(image_path).convert("RGB")
         image, padding = reference_geometry(image, Image.new("L", image.size, 0), crop)
-        strong = grayscale(jitter(image))
-        if torch.rand(()).item() < data.BLUR_P:
-            strong = strong.filter(ImageFilter.GaussianBlur(radius=uniform(*data.BLUR_SIGMA)))
+        strong = data.strong_colour_reference(image)  # torchvision's jitter and grayscale, PIL's blur
         return (TF.normalize(TF.to_tensor(image), mean, std), TF.normalize(TF.to_tensor(strong), mean, std),
                 torch.from_numpy(np.array(padding)) == 255, data.cutmix_box(crop))
 
