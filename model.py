@@ -1009,8 +1009,8 @@ def _mask_losses(pred_masks: torch.Tensor, targets: list[dict], indices: list, n
 
 
 def mask2former_loss(outputs: dict, targets: list[dict], *, class_weight: float = 2.0, mask_weight: float = 5.0,
-                     dice_weight: float = 5.0, no_object_weight: float = 0.1, cost_class: float = 2.0,
-                     cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544,
+                     dice_weight: float = 5.0, no_object_weight: float = 0.1, cost_class: float = 1.0,
+                     cost_mask: float = 1.0, cost_dice: float = 1.0, num_points: int = 12544,
                      oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                      valid_masks: list[torch.Tensor] | None = None, point_coords: torch.Tensor | None = None,
                      skip_empty_ce: bool = False) -> dict[str, torch.Tensor]:
@@ -1025,9 +1025,11 @@ def mask2former_loss(outputs: dict, targets: list[dict], *, class_weight: float 
     Args:
         outputs: the model's dict: pred_logits (B, Q, K+1), pred_masks (B, Q, h, w), aux_outputs.
         targets: B dicts with labels (n,) int64 and masks (n, H, W) float, e.g. from semantic_to_targets.
-        class_weight, mask_weight, dice_weight: loss weights (labelled: 2 / 5 / 5; synthetic: 2 / 5 / 0).
+        class_weight, mask_weight, dice_weight: loss weights (labelled: 2 / 5 / 5; synthetic as the reference
+            code runs it: 2 / 5 / 2, train.py M2F_SYNTHETIC).
         no_object_weight: CE weight of the no-object class (labelled 0.1, synthetic 0.02).
-        cost_class, cost_mask, cost_dice: matching weights (labelled 2 / 5 / 5, synthetic 1 / 1 / 0).
+        cost_class, cost_mask, cost_dice: matching weights (labelled: 1 / 1 / 1, the reference code's
+            HungarianMatcher defaults; Mask2Former's own configs use 2 / 5 / 5; synthetic: 1 / 1 / 0).
         num_points, oversample_ratio, importance_sample_ratio: point sampling (12544, 3, 0.75).
         valid_masks: B × (H, W) bool, False = ignored pixel, left out of the mask costs and losses. None
             counts every pixel, ignored ones as negatives — what the reference's synthetic branch does
