@@ -387,23 +387,41 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"
     return path
 
 
-def class_scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class scores at image size, for any arch (used by evaluation and the OT step).
+# Bilinear resizes outside the networks (teacher TTA views, evaluation), per arch, as the reference code runs
+# them (github.com/zhang0jhon/SENSE): sense_dpt.py writes align_corners=True, sense_mask2former.py passes its
+# configs' align_corners, False for every dataset.
+RESIZE_ALIGN_CORNERS = {"dpt": True, "mask2former": False}
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], arch: str) -> torch.Tensor:
+    """Bilinear resize of images or class scores (B, C, H, W) -> (B, C, *size) with the arch's RESIZE_ALIGN_CORNERS."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=RESIZE_ALIGN_CORNERS[arch])
+
+
+def class_scores(model: nn.Module, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-pixel class scores, for any arch (used by evaluation, the teacher and the OT step).
 
     Args:
         model: a model from build_model (or a DDP wrapper around one).
         images: (B, 3, H, W), sides multiples of the patch size.
+        size: (H', W') of the scores (default: the image size); reached by one bilinear `resize`.
     Returns:
-        (B, K, H, W): DPT logits, or Mask2Former scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q).
+        (B, K, H', W'): DPT logits, or Mask2Former scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q).
     """
     arch = getattr(model, "module", model).arch
+    size = tuple(images.shape[-2:]) if size is None else tuple(size)
     if arch == "dpt":
-        return model(images)
-    return mask2former_scores(model(images), images.shape[-2:])
+        logits = model(images)  # (B, K, H, W)
+        return logits if tuple(logits.shape[-2:]) == size else resize(logits, size, arch)
+    return mask2former_scores(model(images), size)
 
 
 def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
-    """Mask2Former's semantic inference: Σ_q softmax(class_q)[:K] · sigmoid(mask_q) at `size`.
+    """Mask2Former's semantic inference: Σ_q softmax(class_q)[:K] · sigmoid(mask_q), upsampled to `size`.
+
+    The sum runs at the masks' resolution (stride p/4) on their sigmoids, and only the K class maps are upsampled,
+    in the reference code's order (github.com/zhang0jhon/SENSE, sense_mask2former.py: teacher and evaluation).
+    Mask2Former's own semantic inference upsamples the mask logits before the sigmoid instead.
 
     Args:
         out: the model's dict with pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w).
@@ -411,10 +429,9 @@ def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
     Returns:
         (B, K, H, W) scores in [0, Q].
     """
-    # Mask logits are upsampled before the sigmoid, as in Mask2Former's semantic inference.
-    masks = F.interpolate(out["pred_masks"], size=tuple(size), mode="bilinear", align_corners=False)
     probs = out["pred_logits"].softmax(-1)[..., :-1]  # (B, Q, K): the last class is "no object"
-    return torch.einsum("bqk,bqhw->bkhw", probs, masks.sigmoid())  # (B, K, H, W)
+    scores = torch.einsum("bqk,bqhw->bkhw", probs, out["pred_masks"].sigmoid())  # (B, K, h, w)
+    return resize(scores, size, "mask2former")  # (B, K, H, W)
 
 
 def load_checkpoint_model(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict]:

@@ -374,33 +374,48 @@ def split_outputs(out, n: int):
     return first, rest
 
 
+def _teacher_view(teacher: nn.Module, images: torch.Tensor, size: tuple[int, int], flip: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One teacher pass: class scores (B, K, *size) in the frame of `images`, and Mask2Former's class logits
+    (B, Q, K+1) (None for DPT). flip: the pass sees the mirrored images, its scores are mirrored back."""
+    out = teacher(images.flip(-1) if flip else images)
+    if teacher.arch == "dpt":
+        scores, logits = (out if tuple(out.shape[-2:]) == tuple(size) else models.resize(out, size, "dpt")), None
+    else:
+        # summed over the queries at stride p/4, then upsampled straight to `size` (one resize per view)
+        scores, logits = models.mask2former_scores(out, size), out["pred_logits"]
+    return (scores.flip(-1) if flip else scores), logits
+
+
 @torch.no_grad()
 def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
 
+    TTA views (reference code): flip, and for "scales" also the image resized to crop + round(0.25 crop / p) p
+    (halves up), with and without flip; every view's scores are resized straight to the crop (models.resize:
+    align_corners True for DPT, False for Mask2Former) and averaged. For Mask2Former the class logits
+    (B, Q, K+1) are averaged over the same views, query by query, and the image gate reads them.
+
     Returns:
-        scores (B, K, H, W) (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over queries
-        of the max class probability (no-object included) (B,) of the plain pass, else None.
+        scores (B, K, H, W) float32 (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over
+        queries of the max class probability (no-object included) (B,) of the (view-averaged) class logits,
+        else None.
     """
-    patch = teacher.patch_size
-    if teacher.arch == "dpt":
-        scores, query_conf = teacher(images), None
-    else:
-        out = teacher(images)
-        scores = models.mask2former_scores(out, images.shape[-2:])
-        query_conf = out["pred_logits"].softmax(-1).amax(-1).mean(1)  # (B,)
+    patch, arch, size = teacher.patch_size, teacher.arch, tuple(images.shape[-2:])
+    scores, logits = _teacher_view(teacher, images, size, flip=False)  # plain pass on the whole batch
     half = images.shape[0] // 2 if tta != "none" else 0
     if half:
-        x, size = images[:half], images.shape[-2:]
-        views = [scores[:half], models.class_scores(teacher, x.flip(-1)).flip(-1)]
+        x = images[:half]
+        views = [(scores[:half], None if logits is None else logits[:half]),  # the plain pass, reused
+                 _teacher_view(teacher, x, size, flip=True)]
         if tta == "scales":
-            big = [s + round(0.25 * s / patch) * patch for s in size]  # crop + round(0.25 crop / p) p
-            x_big = F.interpolate(x, size=big, mode="bilinear", align_corners=False)
-            for flip in (False, True):
-                s = models.class_scores(teacher, x_big.flip(-1) if flip else x_big)
-                s = s.flip(-1) if flip else s
-                views.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
-        scores = torch.cat([torch.stack(views).mean(0), scores[half:]])
+            big = [s + math.floor(0.25 * s / patch + 0.5) * patch for s in size]  # crop + round(0.25 crop / p) p
+            x_big = models.resize(x, big, arch)  # (B/2, 3, *big)
+            views += [_teacher_view(teacher, x_big, size, flip) for flip in (False, True)]
+        scores = torch.cat([torch.stack([s.float() for s, _ in views]).mean(0), scores[half:].float()])
+        if logits is not None:
+            logits = torch.cat([torch.stack([c.float() for _, c in views]).mean(0), logits[half:].float()])
+    query_conf = None if logits is None else logits.float().softmax(-1).amax(-1).mean(1)  # (B,)
     return scores.float(), query_conf
 
 

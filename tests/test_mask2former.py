@@ -1,14 +1,16 @@
-"""Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head."""
+"""Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head, and the
+Mask2Former path of train.py (teacher TTA, image gate, synthetic loss weights, weight decay) against the reference code."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from model import (BACKBONES, M2F_HEAD_SIZES, M2F_SIZES, Mask2FormerHead, MultiScaleDeformableAttention,
-                   build_model, class_scores, hungarian_match, mask2former_loss, semantic_to_targets,
-                   sine_position_encoding)
+                   build_model, class_scores, hungarian_match, mask2former_loss, mask2former_scores,
+                   semantic_to_targets, sine_position_encoding)
 
 m2f_reference = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
 Mask2FormerConfig = pytest.importorskip("transformers.models.mask2former.configuration_mask2former").Mask2FormerConfig
@@ -298,3 +300,106 @@ def test_labelled_matching_defaults_are_the_reference_matcher_costs():
     torch.manual_seed(1)  # the costs matter on these outputs: Mask2Former's 2 / 5 / 5 match otherwise
     other = mask2former_loss(outputs, targets, num_points=POINTS, cost_class=2.0, cost_mask=5.0, cost_dice=5.0)
     assert not torch.isclose(other["loss"], ours["loss"])
+
+
+def test_mask2former_scores_sum_sigmoids_at_stride_4_then_upsample():
+    # one query, all its class probability on class 0 (K = 1), mask logits [-10, 0] on a 1×2 grid, upsampled
+    # to 1×4: bilinear (align_corners=False) samples the 1×2 map at x = 0 (clamped), 0.25, 0.75, 1 (clamped)
+    out = {"pred_logits": torch.tensor([[[0.0, -100.0]]]), "pred_masks": torch.tensor([[[[-10.0, 0.0]]]])}
+    scores = mask2former_scores(out, (1, 4))  # (1, 1, 1, 4)
+    low, high = 1 / (1 + math.exp(10)), 0.5  # the two sigmoids
+    expected = torch.tensor([low, 0.75 * low + 0.25 * high, 0.25 * low + 0.75 * high, high])
+    torch.testing.assert_close(scores[0, 0, 0], expected)
+    # Mask2Former's own order (upsample the logits, then the sigmoid) gives sigmoid(-7.5) = 0.00055 at x = 0.25
+    assert scores[0, 0, 0, 1] > 0.1
+
+
+class _QueriesFromImage(nn.Module):
+    """Mask2Former stand-in: 3 queries whose mask logits are the image channels pooled to stride 4 and whose
+    class logits (K = 2 + no-object) read the image's left and right halves, so that flips and resizes change
+    both."""
+    arch, patch_size, num_classes = "mask2former", 8, 2
+
+    def forward(self, images):
+        w = images.shape[-1]
+        left, right = images[..., :w // 2].mean((2, 3)), images[..., w // 2:].mean((2, 3))  # (B, 3) each
+        logits = 3 * torch.stack([left - right, right, left * right], dim=-1)  # (B, Q = 3, K + 1 = 3)
+        return {"pred_logits": logits, "pred_masks": 4 * F.avg_pool2d(images, 4), "aux_outputs": []}
+
+
+class _PixelLogits(nn.Module):
+    """DPT stand-in: a fixed per-pixel linear map of the image to K = 3 logits, at the image size."""
+    arch, patch_size, num_classes = "dpt", 8, 3
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return torch.einsum("kc,bchw->bkhw", self.weight, images)
+
+
+def _reference_teacher(model, images, big):
+    """Transcription of the reference's teacher step, TTA over scales {crop, big} × flip on the first half:
+    sense_dpt.py (resizes with align_corners=True) and sense_mask2former.py (its configs' False; scores summed
+    at stride 4, then resized to the crop; class logits averaged over the views)."""
+    crop, half = images.shape[-1], images.shape[0] // 2
+    dpt = model.arch == "dpt"
+    resize = lambda x, s: F.interpolate(x, (s, s), mode="bilinear", align_corners=dpt)  # noqa: E731
+
+    def scores(out, flip):
+        if dpt:
+            return resize(out.flip(3) if flip else out, crop)
+        masks = out["pred_masks"].flip(3) if flip else out["pred_masks"]
+        return resize(torch.einsum("bqc,bqhw->bchw", out["pred_logits"].softmax(-1)[..., :-1], masks.sigmoid()), crop)
+
+    results, logits = [], []
+    for size in (crop, big):
+        x = resize(images[:half], size)
+        for flip in (False, True):
+            out = model(x.flip(3) if flip else x)
+            results.append(scores(out, flip))
+            logits.append(None if dpt else out["pred_logits"])
+    out = model(images[half:])
+    result = torch.cat([torch.stack(results).mean(0), scores(out, False)])
+    if dpt:
+        return result, None
+    logits = torch.cat([torch.stack(logits).mean(0), out["pred_logits"]])
+    return result, logits.softmax(-1).max(-1)[0].mean(-1)
+
+
+@pytest.mark.parametrize("stand_in", [_PixelLogits, _QueriesFromImage])
+def test_teacher_tta_equals_the_reference(stand_in):
+    import train
+    model = stand_in()
+    images = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    scores, query_conf = train.teacher_predict(model, images, "scales")
+    expected, expected_conf = _reference_teacher(model, images, big=32)  # 24 + round(0.25 · 24 / 8) · 8
+    assert scores.shape == (4, model.num_classes, 24, 24)
+    torch.testing.assert_close(scores, expected)
+    if expected_conf is None:
+        assert query_conf is None
+    else:
+        torch.testing.assert_close(query_conf, expected_conf)
+        plain = model(images)["pred_logits"].softmax(-1).amax(-1).mean(1)  # the plain pass's confidence
+        assert (query_conf[:2] - plain[:2]).abs().max() > 1e-3 and torch.allclose(query_conf[2:], plain[2:])
+
+
+class _MirrorQueries(nn.Module):
+    """One query sure of class 0 for an image brighter on the left, of class 1 for its mirror image."""
+    arch, patch_size, num_classes = "mask2former", 4, 2
+
+    def forward(self, images):
+        b, _, h, w = images.shape
+        d = images[:, 0, :, :w // 2].mean((1, 2)) - images[:, 0, :, w // 2:].mean((1, 2))  # (B,)
+        logits = torch.stack([10 * d, -10 * d, torch.full_like(d, -20.0)], dim=-1)[:, None]  # (B, 1, K + 1)
+        return {"pred_logits": logits, "pred_masks": torch.zeros(b, 1, h // 4, w // 4), "aux_outputs": []}
+
+
+def test_image_gate_reads_the_class_logits_averaged_over_the_tta_views():
+    import train
+    images = torch.ones(4, 3, 8, 8)
+    images[..., 4:] = -1  # every image brighter on the left: each single view is sure (p ≈ 1)
+    _, query_conf = train.teacher_predict(_MirrorQueries(), images, "flip")
+    # the first half averages the logits of the view and its mirror: 0 / 0 for the two classes, p = 0.5
+    torch.testing.assert_close(query_conf, torch.tensor([0.5, 0.5, 1.0, 1.0]), atol=1e-6, rtol=0)
