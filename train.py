@@ -74,6 +74,9 @@ EMA_DECAY = 0.996  # λ_max of the EMA teacher (paper)
 # dice_weight=0.0 here gives the paper's text.
 M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=2.0, mask_weight=5.0,
                      dice_weight=2.0, no_object_weight=0.02, skip_empty_ce=True)
+# Mask2Former parameters trained without AdamW weight decay, matched by name: the learned queries and the level
+# embeddings of both transformers (reference code, sense_mask2former.py's optimizer groups)
+NO_WEIGHT_DECAY = ("query_feat", "query_embed", "level_embed")
 METHODS = ("supervised", "pseudo", "soft", "sense")
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
 PANEL_SAMPLES = 4  # synthetic samples drawn in each picture panel
@@ -419,6 +422,45 @@ def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple
     return scores.float(), query_conf
 
 
+def mask2former_labels(targets: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor,
+                       conf_thresh: float) -> torch.Tensor:
+    """Hard synthetic labels of the Mask2Former branch (paper: "pixel- and query-based segmenters").
+
+    A pixel keeps the argmax of its target where the target's confidence is >= δ; an image whose teacher is
+    unsure (query_conf < δ) is dropped whole. As in the reference code, image b's gate covers the whole
+    CutMixed image b, the box pasted from image B−1−b included.
+
+    Args:
+        targets: (B, K, H, W) OT plan rows (or teacher probabilities) of the CutMixed batch.
+        ignore: (B, H, W) bool, True on padding (CutMixed).
+        query_conf: (B,) per-image confidence from teacher_predict (not CutMixed).
+        conf_thresh: δ.
+    Returns:
+        (B, H, W) int64 labels, 255 = not trained on.
+    """
+    conf, label = targets.max(1)  # (B, H, W) ×2
+    unsure = (query_conf < conf_thresh)[:, None, None]  # (B, 1, 1)
+    label[(conf < conf_thresh) | ignore | unsure] = data.IGNORE_INDEX
+    return label
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: the backbone's trainable parameters at lr; the rest at lr · head_lr_mult, those
+    named in NO_WEIGHT_DECAY (Mask2Former) without weight decay. Empty groups are left out; "base" keeps each
+    group's lr before the poly schedule."""
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    head, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in backbone_ids:
+            (no_decay if any(key in name for key in NO_WEIGHT_DECAY) else head).append(p)
+    head_lr = lr * head_lr_mult
+    groups = [dict(params=[p for p in model.backbone.parameters() if p.requires_grad], lr=lr, base=lr,
+                   weight_decay=weight_decay),
+              dict(params=head, lr=head_lr, base=head_lr, weight_decay=weight_decay),
+              dict(params=no_decay, lr=head_lr, base=head_lr, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Output: checkpoints, panels, logs
 
@@ -589,11 +631,8 @@ def main(argv=None) -> None:
     if args.lock_backbone:
         for p in student.backbone.parameters():
             p.requires_grad_(False)
-    backbone_ids = {id(p) for p in student.backbone.parameters()}
-    groups = [{"params": [p for p in student.backbone.parameters() if p.requires_grad], "lr": args.lr, "base": args.lr},
-              {"params": [p for p in student.parameters() if id(p) not in backbone_ids],
-               "lr": args.lr * args.head_lr_mult, "base": args.lr * args.head_lr_mult}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(student, args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
+                                  weight_decay=args.weight_decay)
     start, best = 0, None
     pseudo_confusion = torch.zeros(K, K, dtype=torch.int64)  # toy world; rows: true class, columns: trained label
     if resume is not None and resume.is_file():
@@ -665,11 +704,8 @@ def main(argv=None) -> None:
                 # 3. CutMix: strong images and everything the teacher says about them are mixed by the same rule
                 image_s, scores_u, ignore_u = cutmix(image_s, box), cutmix(scores_u, box), cutmix(ignore_u, box)
                 truth = cutmix(truth, box) if truth is not None else None
-                keep = torch.ones_like(box)  # (B, c, c) bool
-                if query_conf is not None:  # Mask2Former: drop unsure images
-                    sure = query_conf >= args.conf_thresh  # (B,)
-                    keep = cutmix(sure[:, None, None].expand_as(box), box)
-                    logs["image_ratio"] = float(sure.float().mean())  # share of images the gate keeps
+                if query_conf is not None:  # Mask2Former: share of images the image gate keeps (stage 5)
+                    logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
                 # pseudo-labels and the γ gate: OT targets (sense) or the teacher's own labels (pseudo, soft)
                 targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, class_marginal)  # (B, K, c, c)
                 logs.update(target_logs)
@@ -694,9 +730,9 @@ def main(argv=None) -> None:
                     loss_u = ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
                     label_u = torch.where(gate, targets.argmax(1), data.IGNORE_INDEX)  # for panels and accuracy
                 else:
-                    # Mask2Former: hard labels where the OT (or teacher) confidence >= δ, one target per class
-                    conf_u, label_u = targets.max(1)
-                    label_u[(conf_u < args.conf_thresh) | ignore_u | ~keep] = data.IGNORE_INDEX
+                    # Mask2Former: hard labels where the OT (or teacher) confidence >= δ, unsure images dropped,
+                    # one target per class
+                    label_u = mask2former_labels(targets, ignore_u, query_conf, args.conf_thresh)  # (B, c, c)
                     valid = None if args.m2f_ignore_as_negative else list(label_u != data.IGNORE_INDEX)
                     loss_u = models.mask2former_loss(pred_u, models.semantic_to_targets(label_u, K), valid_masks=valid,
                                                      **M2F_SYNTHETIC)["loss"]

@@ -403,3 +403,46 @@ def test_image_gate_reads_the_class_logits_averaged_over_the_tta_views():
     _, query_conf = train.teacher_predict(_MirrorQueries(), images, "flip")
     # the first half averages the logits of the view and its mirror: 0 / 0 for the two classes, p = 0.5
     torch.testing.assert_close(query_conf, torch.tensor([0.5, 0.5, 1.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_image_gate_covers_the_whole_cutmixed_image():
+    import train
+    k = 3
+    label = torch.tensor([1, 2])[:, None, None].expand(2, 8, 8)  # image 0 all class 1, image 1 all class 2
+    targets = F.one_hot(label, k).permute(0, 3, 1, 2).float()  # (2, K, 8, 8), sure everywhere
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[:, 2:6, 2:6] = True
+    mixed = train.cutmix(targets, box)  # image 0 gets image 1's pixels inside the box, and back
+    ignore = torch.zeros(2, 8, 8, dtype=torch.bool)
+    ignore[0, 0] = True  # a padding row
+    label_u = train.mask2former_labels(mixed, ignore, torch.tensor([0.99, 0.5]), 0.95)
+    assert (label_u[0][box[0]] == 2).all()  # the box pasted from the unsure image 1 is kept: image 0 is sure
+    assert (label_u[0][~box[0] & ~ignore[0]] == 1).all() and (label_u[0, 0] == 255).all()
+    assert (label_u[1] == 255).all()  # image 1 is dropped whole, its box from the sure image 0 included
+
+
+def test_queries_and_level_embeddings_train_without_weight_decay():
+    import train
+    torch.manual_seed(0)
+    model = build_model("mask2former", "toy", 7, pretrained=False)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = train.param_groups(model, 1e-3, 10.0, 0.05)
+    no_decay = sorted(names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    assert no_decay == ["head.decoder.level_embed.weight", "head.decoder.query_embed.weight",
+                        "head.decoder.query_feat.weight", "head.pixel_decoder.level_embed"]
+    assert sorted(names[id(p)] for g in groups for p in g["params"]) == sorted(names.values())  # each once
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for g in groups:
+        assert g["lr"] == g["base"] == (1e-3 if id(g["params"][0]) in backbone else 1e-2)
+    # one AdamW step with zero gradients: decayed parameters shrink by 1 − lr · wd, the four others stay put
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        lr = 1e-3 if id(p) in backbone else 1e-2
+        shrink = 1.0 if name in no_decay else 1 - lr * 0.05
+        torch.testing.assert_close(p.detach(), before[name] * shrink)
+    dpt = build_model("dpt", "toy", 7, pretrained=False)
+    assert [g["weight_decay"] for g in train.param_groups(dpt, 1e-3, 10.0, 0.05)] == [0.05, 0.05]
