@@ -14,7 +14,8 @@ dataset and over DDP ranks; mIoU is the mean over the classes that occur in the 
 
 Modes: `single` resizes each image to the nearest multiple of the patch size, predicts, resizes the logits
 back; `slide` averages softmax over crop × crop windows at stride ⌊2/3·crop⌋; `ms` averages the logits of
-scales {1.0, 1.25}, each with and without a horizontal flip.
+scales {1.0, 1.25}, each with and without a horizontal flip. Resizes are bilinear as in the reference code:
+align_corners=True for DPT, False for Mask2Former, whose scores go from stride p/4 to the image in one step.
 
 Run folders (--summarize, --plot) are read from their metrics.jsonl, one JSON object per line. Lines with
 "miou" are evaluations of the EMA teacher: "step", "miou" (%), "iou" (list, %, null = class absent from target
@@ -42,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
-from model import class_scores, load_checkpoint_model, pick_device
+from model import class_scores, load_checkpoint_model, pick_device, resize
 
 MODES = ("single", "slide", "ms")
 MS_SCALES = (1.0, 1.25)  # multi-scale test scales (UniMatch V2 / SENSE evaluation)
@@ -107,19 +108,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _scores_at(model: nn.Module, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class scores of images (B, 3, H, W) resized to size (multiples of the patch), resized back: (B, K, H, W)."""
+    """Class scores of images (B, 3, H, W) resized to size (multiples of the patch), resized back: (B, K, H, W).
+
+    Both resizes as the reference code's evaluation (model.resize: align_corners True for DPT, False for
+    Mask2Former); Mask2Former's stride-p/4 scores go to (H, W) in one resize.
+    """
     H, W = images.shape[-2:]
     if size != (H, W):
-        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-    scores = class_scores(model, images).float()  # (B, K, *size); float32 for averaging under autocast
-    if size != (H, W):
-        scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
-    return scores
+        images = resize(images, size, _unwrap(model).arch)
+    return class_scores(model, images, (H, W)).float()  # (B, K, H, W); float32 for averaging under autocast
 
 
 def _nearest_multiple(size: float, patch: int) -> int:
-    """Nearest positive multiple of the patch size."""
-    return max(patch, round(size / patch) * patch)
+    """Nearest positive multiple of the patch size, halves rounded up (the reference code's int(x + 0.5))."""
+    return max(patch, math.floor(size / patch + 0.5) * patch)
 
 
 def pad_to_patch(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -387,23 +387,41 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"
     return path
 
 
-def class_scores(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class scores at image size, for any arch (used by evaluation and the OT step).
+# Bilinear resizes outside the networks (teacher TTA views, evaluation), per arch, as the reference code runs
+# them (github.com/zhang0jhon/SENSE): sense_dpt.py writes align_corners=True, sense_mask2former.py passes its
+# configs' align_corners, False for every dataset.
+RESIZE_ALIGN_CORNERS = {"dpt": True, "mask2former": False}
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], arch: str) -> torch.Tensor:
+    """Bilinear resize of images or class scores (B, C, H, W) -> (B, C, *size) with the arch's RESIZE_ALIGN_CORNERS."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=RESIZE_ALIGN_CORNERS[arch])
+
+
+def class_scores(model: nn.Module, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-pixel class scores, for any arch (used by evaluation, the teacher and the OT step).
 
     Args:
         model: a model from build_model (or a DDP wrapper around one).
         images: (B, 3, H, W), sides multiples of the patch size.
+        size: (H', W') of the scores (default: the image size); reached by one bilinear `resize`.
     Returns:
-        (B, K, H, W): DPT logits, or Mask2Former scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q).
+        (B, K, H', W'): DPT logits, or Mask2Former scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q).
     """
     arch = getattr(model, "module", model).arch
+    size = tuple(images.shape[-2:]) if size is None else tuple(size)
     if arch == "dpt":
-        return model(images)
-    return mask2former_scores(model(images), images.shape[-2:])
+        logits = model(images)  # (B, K, H, W)
+        return logits if tuple(logits.shape[-2:]) == size else resize(logits, size, arch)
+    return mask2former_scores(model(images), size)
 
 
 def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
-    """Mask2Former's semantic inference: Σ_q softmax(class_q)[:K] · sigmoid(mask_q) at `size`.
+    """Mask2Former's semantic inference: Σ_q softmax(class_q)[:K] · sigmoid(mask_q), upsampled to `size`.
+
+    The sum runs at the masks' resolution (stride p/4) on their sigmoids, and only the K class maps are upsampled,
+    in the reference code's order (github.com/zhang0jhon/SENSE, sense_mask2former.py: teacher and evaluation).
+    Mask2Former's own semantic inference upsamples the mask logits before the sigmoid instead.
 
     Args:
         out: the model's dict with pred_logits (B, Q, K+1) and pred_masks (B, Q, h, w).
@@ -411,10 +429,9 @@ def mask2former_scores(out: dict, size: tuple[int, int]) -> torch.Tensor:
     Returns:
         (B, K, H, W) scores in [0, Q].
     """
-    # Mask logits are upsampled before the sigmoid, as in Mask2Former's semantic inference.
-    masks = F.interpolate(out["pred_masks"], size=tuple(size), mode="bilinear", align_corners=False)
     probs = out["pred_logits"].softmax(-1)[..., :-1]  # (B, Q, K): the last class is "no object"
-    return torch.einsum("bqk,bqhw->bkhw", probs, masks.sigmoid())  # (B, K, H, W)
+    scores = torch.einsum("bqk,bqhw->bkhw", probs, out["pred_masks"].sigmoid())  # (B, K, h, w)
+    return resize(scores, size, "mask2former")  # (B, K, H, W)
 
 
 def load_checkpoint_model(path: str | Path, weights: str = "ema") -> tuple[nn.Module, dict]:
@@ -1009,8 +1026,8 @@ def _mask_losses(pred_masks: torch.Tensor, targets: list[dict], indices: list, n
 
 
 def mask2former_loss(outputs: dict, targets: list[dict], *, class_weight: float = 2.0, mask_weight: float = 5.0,
-                     dice_weight: float = 5.0, no_object_weight: float = 0.1, cost_class: float = 2.0,
-                     cost_mask: float = 5.0, cost_dice: float = 5.0, num_points: int = 12544,
+                     dice_weight: float = 5.0, no_object_weight: float = 0.1, cost_class: float = 1.0,
+                     cost_mask: float = 1.0, cost_dice: float = 1.0, num_points: int = 12544,
                      oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
                      valid_masks: list[torch.Tensor] | None = None, point_coords: torch.Tensor | None = None,
                      skip_empty_ce: bool = False) -> dict[str, torch.Tensor]:
@@ -1025,9 +1042,11 @@ def mask2former_loss(outputs: dict, targets: list[dict], *, class_weight: float 
     Args:
         outputs: the model's dict: pred_logits (B, Q, K+1), pred_masks (B, Q, h, w), aux_outputs.
         targets: B dicts with labels (n,) int64 and masks (n, H, W) float, e.g. from semantic_to_targets.
-        class_weight, mask_weight, dice_weight: loss weights (labelled: 2 / 5 / 5; synthetic: 2 / 5 / 0).
+        class_weight, mask_weight, dice_weight: loss weights (labelled: 2 / 5 / 5; synthetic as the reference
+            code runs it: 2 / 5 / 2, train.py M2F_SYNTHETIC).
         no_object_weight: CE weight of the no-object class (labelled 0.1, synthetic 0.02).
-        cost_class, cost_mask, cost_dice: matching weights (labelled 2 / 5 / 5, synthetic 1 / 1 / 0).
+        cost_class, cost_mask, cost_dice: matching weights (labelled: 1 / 1 / 1, the reference code's
+            HungarianMatcher defaults; Mask2Former's own configs use 2 / 5 / 5; synthetic: 1 / 1 / 0).
         num_points, oversample_ratio, importance_sample_ratio: point sampling (12544, 3, 0.75).
         valid_masks: B × (H, W) bool, False = ignored pixel, left out of the mask costs and losses. None
             counts every pixel, ignored ones as negatives — what the reference's synthetic branch does

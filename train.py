@@ -68,9 +68,15 @@ TOY_OPTIM = dict(lr=5e-4, head_lr_mult=4.0)
 TOY_OPTIM_RANDOM_INIT = dict(lr=5e-4, head_lr_mult=2.0)
 TOY_SCHEDULE = dict(iters=300, eval_every=100, ema_decay=0.98)
 EMA_DECAY = 0.996  # λ_max of the EMA teacher (paper)
-# Mask2Former synthetic branch (as the reference code runs it): matching costs and loss weights.
+# Mask2Former synthetic branch (as the reference code runs it): matching costs and loss weights. The paper and the
+# reference's weight dict give dice 0, but the reference sums its loss terms by key name and "loss_dice" contains
+# "ce", so every dice term is added to the CE sum with the CE weight 2 (sense_mask2former.py): dice 2 is what ran.
+# dice_weight=0.0 here gives the paper's text.
 M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=2.0, mask_weight=5.0,
-                     dice_weight=0.0, no_object_weight=0.02, skip_empty_ce=True)
+                     dice_weight=2.0, no_object_weight=0.02, skip_empty_ce=True)
+# Mask2Former parameters trained without AdamW weight decay, matched by name: the learned queries and the level
+# embeddings of both transformers (reference code, sense_mask2former.py's optimizer groups)
+NO_WEIGHT_DECAY = ("query_feat", "query_embed", "level_embed")
 METHODS = ("supervised", "pseudo", "soft", "sense")
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
 PANEL_SAMPLES = 4  # synthetic samples drawn in each picture panel
@@ -371,34 +377,88 @@ def split_outputs(out, n: int):
     return first, rest
 
 
+def _teacher_view(teacher: nn.Module, images: torch.Tensor, size: tuple[int, int], flip: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One teacher pass: class scores (B, K, *size) in the frame of `images`, and Mask2Former's class logits
+    (B, Q, K+1) (None for DPT). flip: the pass sees the mirrored images, its scores are mirrored back."""
+    out = teacher(images.flip(-1) if flip else images)
+    if teacher.arch == "dpt":
+        scores, logits = (out if tuple(out.shape[-2:]) == tuple(size) else models.resize(out, size, "dpt")), None
+    else:
+        # summed over the queries at stride p/4, then upsampled straight to `size` (one resize per view)
+        scores, logits = models.mask2former_scores(out, size), out["pred_logits"]
+    return (scores.flip(-1) if flip else scores), logits
+
+
 @torch.no_grad()
 def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
 
+    TTA views (reference code): flip, and for "scales" also the image resized to crop + round(0.25 crop / p) p
+    (halves up), with and without flip; every view's scores are resized straight to the crop (models.resize:
+    align_corners True for DPT, False for Mask2Former) and averaged. For Mask2Former the class logits
+    (B, Q, K+1) are averaged over the same views, query by query, and the image gate reads them.
+
     Returns:
-        scores (B, K, H, W) (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over queries
-        of the max class probability (no-object included) (B,) of the plain pass, else None.
+        scores (B, K, H, W) float32 (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over
+        queries of the max class probability (no-object included) (B,) of the (view-averaged) class logits,
+        else None.
     """
-    patch = teacher.patch_size
-    if teacher.arch == "dpt":
-        scores, query_conf = teacher(images), None
-    else:
-        out = teacher(images)
-        scores = models.mask2former_scores(out, images.shape[-2:])
-        query_conf = out["pred_logits"].softmax(-1).amax(-1).mean(1)  # (B,)
+    patch, arch, size = teacher.patch_size, teacher.arch, tuple(images.shape[-2:])
+    scores, logits = _teacher_view(teacher, images, size, flip=False)  # plain pass on the whole batch
     half = images.shape[0] // 2 if tta != "none" else 0
     if half:
-        x, size = images[:half], images.shape[-2:]
-        views = [scores[:half], models.class_scores(teacher, x.flip(-1)).flip(-1)]
+        x = images[:half]
+        views = [(scores[:half], None if logits is None else logits[:half]),  # the plain pass, reused
+                 _teacher_view(teacher, x, size, flip=True)]
         if tta == "scales":
-            big = [s + round(0.25 * s / patch) * patch for s in size]  # crop + round(0.25 crop / p) p
-            x_big = F.interpolate(x, size=big, mode="bilinear", align_corners=False)
-            for flip in (False, True):
-                s = models.class_scores(teacher, x_big.flip(-1) if flip else x_big)
-                s = s.flip(-1) if flip else s
-                views.append(F.interpolate(s, size=size, mode="bilinear", align_corners=False))
-        scores = torch.cat([torch.stack(views).mean(0), scores[half:]])
+            big = [s + math.floor(0.25 * s / patch + 0.5) * patch for s in size]  # crop + round(0.25 crop / p) p
+            x_big = models.resize(x, big, arch)  # (B/2, 3, *big)
+            views += [_teacher_view(teacher, x_big, size, flip) for flip in (False, True)]
+        scores = torch.cat([torch.stack([s.float() for s, _ in views]).mean(0), scores[half:].float()])
+        if logits is not None:
+            logits = torch.cat([torch.stack([c.float() for _, c in views]).mean(0), logits[half:].float()])
+    query_conf = None if logits is None else logits.float().softmax(-1).amax(-1).mean(1)  # (B,)
     return scores.float(), query_conf
+
+
+def mask2former_labels(targets: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor,
+                       conf_thresh: float) -> torch.Tensor:
+    """Hard synthetic labels of the Mask2Former branch (paper: "pixel- and query-based segmenters").
+
+    A pixel keeps the argmax of its target where the target's confidence is >= δ; an image whose teacher is
+    unsure (query_conf < δ) is dropped whole. As in the reference code, image b's gate covers the whole
+    CutMixed image b, the box pasted from image B−1−b included.
+
+    Args:
+        targets: (B, K, H, W) OT plan rows (or teacher probabilities) of the CutMixed batch.
+        ignore: (B, H, W) bool, True on padding (CutMixed).
+        query_conf: (B,) per-image confidence from teacher_predict (not CutMixed).
+        conf_thresh: δ.
+    Returns:
+        (B, H, W) int64 labels, 255 = not trained on.
+    """
+    conf, label = targets.max(1)  # (B, H, W) ×2
+    unsure = (query_conf < conf_thresh)[:, None, None]  # (B, 1, 1)
+    label[(conf < conf_thresh) | ignore | unsure] = data.IGNORE_INDEX
+    return label
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: the backbone's trainable parameters at lr; the rest at lr · head_lr_mult, those
+    named in NO_WEIGHT_DECAY (Mask2Former) without weight decay. Empty groups are left out; "base" keeps each
+    group's lr before the poly schedule."""
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    head, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in backbone_ids:
+            (no_decay if any(key in name for key in NO_WEIGHT_DECAY) else head).append(p)
+    head_lr = lr * head_lr_mult
+    groups = [dict(params=[p for p in model.backbone.parameters() if p.requires_grad], lr=lr, base=lr,
+                   weight_decay=weight_decay),
+              dict(params=head, lr=head_lr, base=head_lr, weight_decay=weight_decay),
+              dict(params=no_decay, lr=head_lr, base=head_lr, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -573,11 +633,8 @@ def main(argv=None) -> None:
     if args.lock_backbone:
         for p in student.backbone.parameters():
             p.requires_grad_(False)
-    backbone_ids = {id(p) for p in student.backbone.parameters()}
-    groups = [{"params": [p for p in student.backbone.parameters() if p.requires_grad], "lr": args.lr, "base": args.lr},
-              {"params": [p for p in student.parameters() if id(p) not in backbone_ids],
-               "lr": args.lr * args.head_lr_mult, "base": args.lr * args.head_lr_mult}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(student, args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
+                                  weight_decay=args.weight_decay)
     start, best, best_step = 0, None, None
     pseudo_confusion = torch.zeros(K, K, dtype=torch.int64)  # toy world; rows: true class, columns: trained label
     if resume is not None and resume.is_file():
@@ -649,11 +706,8 @@ def main(argv=None) -> None:
                 # 3. CutMix: strong images and everything the teacher says about them are mixed by the same rule
                 image_s, scores_u, ignore_u = cutmix(image_s, box), cutmix(scores_u, box), cutmix(ignore_u, box)
                 truth = cutmix(truth, box) if truth is not None else None
-                keep = torch.ones_like(box)  # (B, c, c) bool
-                if query_conf is not None:  # Mask2Former: drop unsure images
-                    sure = query_conf >= args.conf_thresh  # (B,)
-                    keep = cutmix(sure[:, None, None].expand_as(box), box)
-                    logs["image_ratio"] = float(sure.float().mean())  # share of images the gate keeps
+                if query_conf is not None:  # Mask2Former: share of images the image gate keeps (stage 5)
+                    logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
                 # pseudo-labels and the γ gate: OT targets (sense) or the teacher's own labels (pseudo, soft)
                 targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, class_marginal)  # (B, K, c, c)
                 logs.update(target_logs)
@@ -678,9 +732,9 @@ def main(argv=None) -> None:
                     loss_u = ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
                     label_u = torch.where(gate, targets.argmax(1), data.IGNORE_INDEX)  # for panels and accuracy
                 else:
-                    # Mask2Former: hard labels where the OT (or teacher) confidence >= δ, one target per class
-                    conf_u, label_u = targets.max(1)
-                    label_u[(conf_u < args.conf_thresh) | ignore_u | ~keep] = data.IGNORE_INDEX
+                    # Mask2Former: hard labels where the OT (or teacher) confidence >= δ, unsure images dropped,
+                    # one target per class
+                    label_u = mask2former_labels(targets, ignore_u, query_conf, args.conf_thresh)  # (B, c, c)
                     valid = None if args.m2f_ignore_as_negative else list(label_u != data.IGNORE_INDEX)
                     loss_u = models.mask2former_loss(pred_u, models.semantic_to_targets(label_u, K), valid_masks=valid,
                                                      **M2F_SYNTHETIC)["loss"]

@@ -77,6 +77,39 @@ def test_slide_averages_softmax_over_windows_at_odd_sizes():
         infer(net, images, mode="slide", crop_size=12)
 
 
+class QueryModel(nn.Module):
+    """A Mask2Former stand-in: 3 queries with fixed class logits whose mask logits are the image channels pooled
+    to stride 4, the resolution of Mask2Former's masks."""
+
+    def __init__(self, patch_size: int = 8):
+        super().__init__()
+        self.arch, self.patch_size, self.num_classes = "mask2former", patch_size, 2
+        self.logits = torch.randn(1, 3, 3, generator=torch.Generator().manual_seed(0))  # (1, Q, K + 1)
+
+    def forward(self, images):
+        return {"pred_logits": self.logits.expand(images.shape[0], -1, -1),
+                "pred_masks": 4 * nn.functional.avg_pool2d(images, 4), "aux_outputs": []}
+
+
+@pytest.mark.parametrize("arch", ["dpt", "mask2former"])
+def test_single_mode_resizes_as_the_reference(arch):
+    """sense_dpt.py / sense_mask2former.py 'original' evaluation: the image resized to int(side / p + 0.5) · p,
+    bilinear with align_corners True (DPT) or False (Mask2Former, its configs); Mask2Former's scores summed at
+    stride 4 and resized once to the image."""
+    net = PixelModel() if arch == "dpt" else QueryModel()
+    images = torch.randn(2, 3, 20, 27, generator=torch.Generator().manual_seed(0))  # 20 / 8 = 2.5: rounds up to 24
+    align = arch == "dpt"
+    x = nn.functional.interpolate(images, (24, 24), mode="bilinear", align_corners=align)
+    if arch == "dpt":
+        scores = net(x)
+    else:
+        out = net(x)
+        scores = torch.einsum("bqc,bqhw->bchw", out["pred_logits"].softmax(-1)[..., :-1], out["pred_masks"].sigmoid())
+    expected = nn.functional.interpolate(scores, (20, 27), mode="bilinear", align_corners=align)
+    with torch.no_grad():
+        torch.testing.assert_close(infer(net, images, mode="single"), expected)
+
+
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)

@@ -1,23 +1,26 @@
-"""Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head."""
+"""Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head, and the
+Mask2Former path of train.py (teacher TTA, image gate, synthetic loss weights, weight decay) against the reference code."""
 
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from model import (BACKBONES, M2F_HEAD_SIZES, M2F_SIZES, Mask2FormerHead, MultiScaleDeformableAttention,
-                   build_model, class_scores, hungarian_match, mask2former_loss, semantic_to_targets,
-                   sine_position_encoding)
+                   build_model, class_scores, hungarian_match, mask2former_loss, mask2former_scores,
+                   semantic_to_targets, sine_position_encoding)
 
 m2f_reference = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
 Mask2FormerConfig = pytest.importorskip("transformers.models.mask2former.configuration_mask2former").Mask2FormerConfig
 
-# labelled setting (Mask2Former's numbers) and the synthetic one (SENSE's reference code)
+# labelled and synthetic settings as SENSE's reference code runs them (github.com/zhang0jhon/SENSE): labelled
+# matching with its HungarianMatcher defaults (Mask2Former's configs say 2 / 5 / 5); synthetic dice 2 (below)
 SETTINGS = {
     "labelled": dict(class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1,
-                     cost_class=2.0, cost_mask=5.0, cost_dice=5.0),
-    "synthetic": dict(class_weight=2.0, mask_weight=5.0, dice_weight=0.0, no_object_weight=0.02,
+                     cost_class=1.0, cost_mask=1.0, cost_dice=1.0),
+    "synthetic": dict(class_weight=2.0, mask_weight=5.0, dice_weight=2.0, no_object_weight=0.02,
                       cost_class=1.0, cost_mask=1.0, cost_dice=0.0),
 }
 POINTS = 64  # few points keep the tests fast; the sampling code path is the same as with 12544
@@ -139,9 +142,9 @@ def test_valid_masks_exclude_ignored_pixels():
     ys, xs = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
     centres = torch.stack([xs.flatten(), ys.flatten()], dim=1)  # (H*W, 2) as (x, y)
     ours = mask2former_loss(outputs, targets, valid_masks=valid, point_coords=centres)
-    (rows, cols), = hungarian_match(outputs["pred_logits"], outputs["pred_masks"], targets, cost_class=2.0,
-                                    cost_mask=5.0, cost_dice=5.0, num_points=0, valid_masks=valid,
-                                    point_coords=centres)
+    (rows, cols), = hungarian_match(outputs["pred_logits"], outputs["pred_masks"], targets, cost_class=1.0,
+                                    cost_mask=1.0, cost_dice=1.0, num_points=0, valid_masks=valid,
+                                    point_coords=centres)  # mask2former_loss's default costs
     keep = valid[0].flatten()
     logits = outputs["pred_masks"][0, rows].flatten(1)[:, keep]  # (m, valid pixels)
     truth = targets[0]["masks"][cols].flatten(1)[:, keep]
@@ -253,3 +256,193 @@ def test_parameter_count_of_the_l_head():
     print(f"Mask2Former L head (C=1024, K=19): {count / 1e6:.2f} M parameters")
     assert 33.3e6 < count < 33.5e6
     assert len(head.decoder.layers) == 9 and len(head.pixel_decoder.layers) == 6
+
+
+# ---- the Mask2Former path as the reference code runs it (github.com/zhang0jhon/SENSE, sense_mask2former.py)
+
+def test_synthetic_loss_weights_are_what_the_reference_sums():
+    """The reference sums the synthetic terms by key name: `if "dice" in k` (weight 0), `if "mask" in k` (5),
+    `elif "ce" in k` (2). "loss_dice" contains "ce", so each dice term also enters with the CE weight 2."""
+    import train
+    k = 5
+    outputs, targets = random_outputs(k=k), semantic_to_targets(random_label(k=k), k)
+    torch.manual_seed(1)
+    ours = mask2former_loss(outputs, targets, num_points=POINTS, **train.M2F_SYNTHETIC)
+    weight = dict(loss_dice=0.0, loss_mask=5.0, loss_ce=2.0)  # the reference's weight_dict of that criterion
+    total = 0
+    for key, value in ours.items():
+        if key == "loss":
+            continue
+        if "dice" in key:
+            total = total + value * weight["loss_dice"]
+        if "mask" in key:
+            total = total + value * weight["loss_mask"]
+        elif "ce" in key:
+            total = total + value * weight["loss_ce"]
+    torch.testing.assert_close(ours["loss"], total)
+    torch.manual_seed(1)
+    paper = mask2former_loss(outputs, targets, num_points=POINTS, **{**train.M2F_SYNTHETIC, "dice_weight": 0.0})
+    dice = sum(value for key, value in ours.items() if key.startswith("loss_dice"))
+    torch.testing.assert_close(ours["loss"] - paper["loss"], 2 * dice)  # the paper's text: dice 0
+    assert dice > 0.1
+
+
+def test_labelled_matching_defaults_are_the_reference_matcher_costs():
+    """The labelled criterion of the reference: HungarianMatcher defaults 1 / 1 / 1, loss weights 2 / 5 / 5."""
+    k = 5
+    outputs, targets = random_outputs(k=k), semantic_to_targets(random_label(k=k), k)
+    torch.manual_seed(1)
+    expected = run_reference(reference_loss("labelled", k), outputs, targets)
+    torch.manual_seed(1)
+    ours = mask2former_loss(outputs, targets, num_points=POINTS)  # defaults, as train.py's labelled branch
+    for name, value in expected.items():
+        torch.testing.assert_close(ours[name.replace("cross_entropy", "ce")], value, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)  # the costs matter on these outputs: Mask2Former's 2 / 5 / 5 match otherwise
+    other = mask2former_loss(outputs, targets, num_points=POINTS, cost_class=2.0, cost_mask=5.0, cost_dice=5.0)
+    assert not torch.isclose(other["loss"], ours["loss"])
+
+
+def test_mask2former_scores_sum_sigmoids_at_stride_4_then_upsample():
+    # one query, all its class probability on class 0 (K = 1), mask logits [-10, 0] on a 1×2 grid, upsampled
+    # to 1×4: bilinear (align_corners=False) samples the 1×2 map at x = 0 (clamped), 0.25, 0.75, 1 (clamped)
+    out = {"pred_logits": torch.tensor([[[0.0, -100.0]]]), "pred_masks": torch.tensor([[[[-10.0, 0.0]]]])}
+    scores = mask2former_scores(out, (1, 4))  # (1, 1, 1, 4)
+    low, high = 1 / (1 + math.exp(10)), 0.5  # the two sigmoids
+    expected = torch.tensor([low, 0.75 * low + 0.25 * high, 0.25 * low + 0.75 * high, high])
+    torch.testing.assert_close(scores[0, 0, 0], expected)
+    # Mask2Former's own order (upsample the logits, then the sigmoid) gives sigmoid(-7.5) = 0.00055 at x = 0.25
+    assert scores[0, 0, 0, 1] > 0.1
+
+
+class _QueriesFromImage(nn.Module):
+    """Mask2Former stand-in: 3 queries whose mask logits are the image channels pooled to stride 4 and whose
+    class logits (K = 2 + no-object) read the image's left and right halves, so that flips and resizes change
+    both."""
+    arch, patch_size, num_classes = "mask2former", 8, 2
+
+    def forward(self, images):
+        w = images.shape[-1]
+        left, right = images[..., :w // 2].mean((2, 3)), images[..., w // 2:].mean((2, 3))  # (B, 3) each
+        logits = 3 * torch.stack([left - right, right, left * right], dim=-1)  # (B, Q = 3, K + 1 = 3)
+        return {"pred_logits": logits, "pred_masks": 4 * F.avg_pool2d(images, 4), "aux_outputs": []}
+
+
+class _PixelLogits(nn.Module):
+    """DPT stand-in: a fixed per-pixel linear map of the image to K = 3 logits, at the image size."""
+    arch, patch_size, num_classes = "dpt", 8, 3
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images):
+        return torch.einsum("kc,bchw->bkhw", self.weight, images)
+
+
+def _reference_teacher(model, images, big):
+    """Transcription of the reference's teacher step, TTA over scales {crop, big} × flip on the first half:
+    sense_dpt.py (resizes with align_corners=True) and sense_mask2former.py (its configs' False; scores summed
+    at stride 4, then resized to the crop; class logits averaged over the views)."""
+    crop, half = images.shape[-1], images.shape[0] // 2
+    dpt = model.arch == "dpt"
+    resize = lambda x, s: F.interpolate(x, (s, s), mode="bilinear", align_corners=dpt)  # noqa: E731
+
+    def scores(out, flip):
+        if dpt:
+            return resize(out.flip(3) if flip else out, crop)
+        masks = out["pred_masks"].flip(3) if flip else out["pred_masks"]
+        return resize(torch.einsum("bqc,bqhw->bchw", out["pred_logits"].softmax(-1)[..., :-1], masks.sigmoid()), crop)
+
+    results, logits = [], []
+    for size in (crop, big):
+        x = resize(images[:half], size)
+        for flip in (False, True):
+            out = model(x.flip(3) if flip else x)
+            results.append(scores(out, flip))
+            logits.append(None if dpt else out["pred_logits"])
+    out = model(images[half:])
+    result = torch.cat([torch.stack(results).mean(0), scores(out, False)])
+    if dpt:
+        return result, None
+    logits = torch.cat([torch.stack(logits).mean(0), out["pred_logits"]])
+    return result, logits.softmax(-1).max(-1)[0].mean(-1)
+
+
+@pytest.mark.parametrize("stand_in", [_PixelLogits, _QueriesFromImage])
+def test_teacher_tta_equals_the_reference(stand_in):
+    import train
+    model = stand_in()
+    images = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    scores, query_conf = train.teacher_predict(model, images, "scales")
+    expected, expected_conf = _reference_teacher(model, images, big=32)  # 24 + round(0.25 · 24 / 8) · 8
+    assert scores.shape == (4, model.num_classes, 24, 24)
+    torch.testing.assert_close(scores, expected)
+    if expected_conf is None:
+        assert query_conf is None
+    else:
+        torch.testing.assert_close(query_conf, expected_conf)
+        plain = model(images)["pred_logits"].softmax(-1).amax(-1).mean(1)  # the plain pass's confidence
+        assert (query_conf[:2] - plain[:2]).abs().max() > 1e-3 and torch.allclose(query_conf[2:], plain[2:])
+
+
+class _MirrorQueries(nn.Module):
+    """One query sure of class 0 for an image brighter on the left, of class 1 for its mirror image."""
+    arch, patch_size, num_classes = "mask2former", 4, 2
+
+    def forward(self, images):
+        b, _, h, w = images.shape
+        d = images[:, 0, :, :w // 2].mean((1, 2)) - images[:, 0, :, w // 2:].mean((1, 2))  # (B,)
+        logits = torch.stack([10 * d, -10 * d, torch.full_like(d, -20.0)], dim=-1)[:, None]  # (B, 1, K + 1)
+        return {"pred_logits": logits, "pred_masks": torch.zeros(b, 1, h // 4, w // 4), "aux_outputs": []}
+
+
+def test_image_gate_reads_the_class_logits_averaged_over_the_tta_views():
+    import train
+    images = torch.ones(4, 3, 8, 8)
+    images[..., 4:] = -1  # every image brighter on the left: each single view is sure (p ≈ 1)
+    _, query_conf = train.teacher_predict(_MirrorQueries(), images, "flip")
+    # the first half averages the logits of the view and its mirror: 0 / 0 for the two classes, p = 0.5
+    torch.testing.assert_close(query_conf, torch.tensor([0.5, 0.5, 1.0, 1.0]), atol=1e-6, rtol=0)
+
+
+def test_image_gate_covers_the_whole_cutmixed_image():
+    import train
+    k = 3
+    label = torch.tensor([1, 2])[:, None, None].expand(2, 8, 8)  # image 0 all class 1, image 1 all class 2
+    targets = F.one_hot(label, k).permute(0, 3, 1, 2).float()  # (2, K, 8, 8), sure everywhere
+    box = torch.zeros(2, 8, 8, dtype=torch.bool)
+    box[:, 2:6, 2:6] = True
+    mixed = train.cutmix(targets, box)  # image 0 gets image 1's pixels inside the box, and back
+    ignore = torch.zeros(2, 8, 8, dtype=torch.bool)
+    ignore[0, 0] = True  # a padding row
+    label_u = train.mask2former_labels(mixed, ignore, torch.tensor([0.99, 0.5]), 0.95)
+    assert (label_u[0][box[0]] == 2).all()  # the box pasted from the unsure image 1 is kept: image 0 is sure
+    assert (label_u[0][~box[0] & ~ignore[0]] == 1).all() and (label_u[0, 0] == 255).all()
+    assert (label_u[1] == 255).all()  # image 1 is dropped whole, its box from the sure image 0 included
+
+
+def test_queries_and_level_embeddings_train_without_weight_decay():
+    import train
+    torch.manual_seed(0)
+    model = build_model("mask2former", "toy", 7, pretrained=False)
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = train.param_groups(model, 1e-3, 10.0, 0.05)
+    no_decay = sorted(names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    assert no_decay == ["head.decoder.level_embed.weight", "head.decoder.query_embed.weight",
+                        "head.decoder.query_feat.weight", "head.pixel_decoder.level_embed"]
+    assert sorted(names[id(p)] for g in groups for p in g["params"]) == sorted(names.values())  # each once
+    backbone = {id(p) for p in model.backbone.parameters()}
+    for g in groups:
+        assert g["lr"] == g["base"] == (1e-3 if id(g["params"][0]) in backbone else 1e-2)
+    # one AdamW step with zero gradients: decayed parameters shrink by 1 − lr · wd, the four others stay put
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.05)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        lr = 1e-3 if id(p) in backbone else 1e-2
+        shrink = 1.0 if name in no_decay else 1 - lr * 0.05
+        torch.testing.assert_close(p.detach(), before[name] * shrink)
+    dpt = build_model("dpt", "toy", 7, pretrained=False)
+    assert [g["weight_decay"] for g in train.param_groups(dpt, 1e-3, 10.0, 0.05)] == [0.05, 0.05]

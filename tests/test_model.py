@@ -209,7 +209,7 @@ def test_class_scores_mask2former_sum_over_queries():
     pred_logits, pred_masks = torch.randn(B, Q, K + 1), torch.randn(B, Q, 4, 6)
     scores = class_scores(_FixedQueries(pred_logits, pred_masks), torch.zeros(B, 3, 16, 24))
     assert scores.shape == (B, K, 16, 24)
-    masks = F.interpolate(pred_masks, size=(16, 24), mode="bilinear", align_corners=False).sigmoid()
+    masks = F.interpolate(pred_masks.sigmoid(), size=(16, 24), mode="bilinear", align_corners=False)  # sigmoid first
     b, k, y, x = 1, 2, 5, 7
     expected = sum(pred_logits[b, q].softmax(0)[k] * masks[b, q, y, x] for q in range(Q))
     assert math.isclose(scores[b, k, y, x].item(), expected.item(), rel_tol=1e-5)
