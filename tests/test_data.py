@@ -454,8 +454,9 @@ def test_check_lists_every_planted_fault_once_then_the_summary(tmp_path, monkeyp
         save(np.full((16, 16, 3), 90, np.uint8), tmp_path / "leftImg8bit/train" / city / f"{stem}_leftImg8bit.png")
         if city != "bochum":
             save(values, tmp_path / "gtFine/train" / city / f"{stem}_gtFine_labelIds.png")
-    save(np.full((16, 16, 3), 90, np.uint8), tmp_path / "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png")
-    save(values, tmp_path / "gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png")
+    frankfurt = "frankfurt/frankfurt_000000_000294"
+    save(np.full((16, 16, 3), 90, np.uint8), tmp_path / f"leftImg8bit/val/{frankfurt}_leftImg8bit.png")
+    save(values, tmp_path / f"gtFine/val/{frankfurt}_gtFine_labelIds.png")
     train_ids = data.CITYSCAPES_LUT[values].copy()
     train_ids[0, 0] = 40
     save(train_ids, tmp_path / "gtFine/train/aachen" / f"{stems['aachen']}_gtFine_labelTrainIds.png")
@@ -471,7 +472,7 @@ def test_check_lists_every_planted_fault_once_then_the_summary(tmp_path, monkeyp
     assert lines[3].startswith("cityscapes train: 4 images, 3 labelled, 4 decoded, 3 problem(s)")
     assert any(line.startswith("cityscapes val: 1 images, 1 labelled, 1 decoded, 0 problem(s)") for line in lines)
     assert not (tmp_path / "train.txt").exists() and (tmp_path / "val.txt").is_file()  # no split with a hole
-    with pytest.raises(data.DataError, match=f"bochum_000002_000019_leftImg8bit.png: no label"):
+    with pytest.raises(data.DataError, match="bochum_000002_000019_leftImg8bit.png: no label"):
         data.prepare_root("cityscapes", tmp_path)  # what training says: the first, and where to see them all
 
 
