@@ -596,6 +596,27 @@ def test_corrupt_image_in_a_loader_worker_is_one_line_and_exit_1(toy_root, tmp_p
     assert load(tmp_path / "run" / "last.pt")["step"] == 2
 
 
+def test_corrupt_validation_image_met_at_evaluation_stops_after_saving_the_step(toy_root, tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    sources = data.read_split(toy_root / "val.txt")
+    lines = []
+    for index in range(10):  # train.py's quick check decodes 8 of 10, spread: positions 2 and 7 only at evaluation
+        image, label = sources[index % len(sources)]
+        (val / f"{index}.jpg").write_bytes(image.read_bytes())
+        (val / f"{index}.png").write_bytes(label.read_bytes())
+        lines.append(f"{index}.jpg {index}.png")
+    (val / "val.txt").write_text("\n".join(lines) + "\n")
+    (val / "2.png").write_bytes(b"not a PNG")
+    with pytest.raises(data.DataError) as error:
+        run_main(flags(toy_root, tmp_path / "run", "--method", "supervised", "--val-split", str(val / "val.txt"),
+                       "--save-every", "100", iters=4))
+    assert str(error.value) == (f"{val / '2.png'}: unreadable label (cannot identify image file '{val / '2.png'}'); "
+                                f"saved {tmp_path / 'run' / 'last.pt'} at step 2: fix or remove the file, then "
+                                "continue with --resume auto")
+    assert load(tmp_path / "run" / "last.pt")["step"] == 2  # the step whose evaluation met it
+
+
 def log_lines(out: Path) -> list[dict]:
     """Every training line of metrics.jsonl (read_metrics keeps those with a loss: a skipped step has none)."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
