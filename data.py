@@ -218,6 +218,7 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
 
 
 CITYSCAPES_LUT = _lut(CITYSCAPES_ID_TO_TRAIN_ID)
+CITYSCAPES_NUM_IDS = 34  # labelIds files hold ids 0..33 (cityscapesScripts; the license plate's -1 is never drawn)
 REDUCE_ZERO_LUT = _lut({raw: raw - 1 for raw in range(1, IGNORE_INDEX)})  # 0 ("other") and 255 stay ignore
 
 
@@ -228,7 +229,7 @@ def _open_image(path: Path) -> Image.Image:
         image.load()
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: unreadable image ({error})") from None
     # convert() copies even when nothing changes: skip it for RGB files (most of them)
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -241,7 +242,7 @@ def _open_label(path: Path) -> Image.Image:
         label.load()
     except FileNotFoundError:
         raise DataError(f"{path}: label file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: unreadable label ({error})") from None
     if label.mode == "L":
         return label
@@ -251,6 +252,8 @@ def _open_label(path: Path) -> Image.Image:
         raise DataError(f"{path}: label must be a one-channel image of class ids, got mode {label.mode} "
                         "(a colour visualisation such as *_gtFine_color.png?)")
     values = np.asarray(label)
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):  # mode F: a cast would truncate
+        raise DataError(f"{path}: label values are not whole numbers (a float image, expected class ids)")
     if values.min() < 0 or values.max() > 255:
         raise DataError(f"{path}: label values {values.min()}..{values.max()} do not fit 8 bits (expected 0..255)")
     return Image.fromarray(values.astype(np.uint8))
@@ -280,6 +283,12 @@ def _to_train_ids(label: Image.Image, spec: DatasetSpec, path: Path,
     """Raw label values -> train ids ("L" image) and its 256-bin histogram, with the range check that keeps a wrong
     encoding from training silently. PIL's point/histogram run in C: ~20× faster than numpy fancy indexing."""
     table = _label_lut(spec, path, reduce_zero_label)
+    if table is CITYSCAPES_LUT:  # the table sends any other value to ignore: a wrong file would train as void
+        raw = label.histogram()
+        bad = [value for value in range(CITYSCAPES_NUM_IDS, IGNORE_INDEX) if raw[value]]
+        if bad:
+            raise DataError(f"{path}: label values {bad[:6]} are not Cityscapes label ids (expected "
+                            f"0..{CITYSCAPES_NUM_IDS - 1} or {IGNORE_INDEX} in a *_labelIds.png)")
     if table is not None:
         label = label.point(table.tolist())
     counts = label.histogram()
@@ -325,29 +334,45 @@ def split_path(dataset: str, root: str | Path, split: str) -> Path:
     return Path(split) if split.endswith(".txt") else Path(root) / f"{split}.txt"
 
 
-def read_split(path: str | Path) -> list[tuple[Path, Path | None]]:
-    """Read a split file: one sample per line, `image [label]`; blank lines and `#` comments are skipped.
-
-    Args:
-        path: split file; relative paths inside it resolve against its own directory, absolute ones stay.
-    Returns:
-        [(image path, label path or None)] in file order.
-    """
-    path = Path(path)
+def _parse_split(path: Path) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+    """A split file's samples and one problem per line that is malformed or lists an image already listed (a
+    repeated line would weight its sample twice without a word; a repeated image with another label contradicts)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise DataError(f"{path}: split file not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: unreadable split file ({error})") from None
-    samples = []
+    samples, problems, first_line = [], [], {}
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
         if len(fields) > 2:
-            raise DataError(f"{path}:{number}: expected 'image [label]', got {len(fields)} fields")
-        samples.append((path.parent / fields[0], path.parent / fields[1] if len(fields) == 2 else None))
+            problems.append(f"{path}:{number}: expected 'image [label]', got {len(fields)} fields")
+            continue
+        image = path.parent / fields[0]
+        if image in first_line:
+            problems.append(f"{path}:{number}: {fields[0]} is listed again (first on line {first_line[image]})")
+            continue
+        first_line[image] = number
+        samples.append((image, path.parent / fields[1] if len(fields) == 2 else None))
+    return samples, problems
+
+
+def read_split(path: str | Path) -> list[tuple[Path, Path | None]]:
+    """Read a split file: one sample per line, `image [label]`; blank lines and `#` comments are skipped.
+
+    Args:
+        path: split file; relative paths inside it resolve against its own directory, absolute ones stay.
+    Returns:
+        [(image path, label path or None)] in file order. DataError on the first malformed or repeated line.
+    """
+    path = Path(path)
+    samples, problems = _parse_split(path)
+    if problems:
+        more = f" ({len(problems)} bad lines; python data.py check lists them)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
     return samples
 
 
@@ -387,21 +412,23 @@ def write_split(path: str | Path, samples: list[tuple[Path, Path | None]]) -> No
 # ----------------------------------------------------------------------------------------------------------------
 # The three real layouts
 
-def _cityscapes_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+def _cityscapes_samples(root: Path, split: str) -> tuple[list[tuple[Path, Path | None]], list[str]]:
     """leftImg8bit/<split>/<city>/X_leftImg8bit.png with gtFine/<split>/<city>/X_gtFine_labelTrainIds.png when
-    present (cityscapesScripts' createTrainIdLabelImgs), else X_gtFine_labelIds.png (mapped when read)."""
+    present (cityscapesScripts' createTrainIdLabelImgs), else X_gtFine_labelIds.png (mapped when read).
+    Every lister returns (image, label) pairs, label None for an image without one, and a problem line for each
+    of those."""
     if not (root / "gtFine" / split).is_dir():
         raise DataError(f"{root / 'gtFine' / split}: missing (expected gtFine/{split}/<city>/*_gtFine_labelIds.png)")
-    samples = []
+    samples, problems = [], []
     for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
         stem = image.name[: -len("_leftImg8bit.png")]
         label_dir = root / "gtFine" / split / image.parent.name
         candidates = [label_dir / f"{stem}_gtFine_labelTrainIds.png", label_dir / f"{stem}_gtFine_labelIds.png"]
         label = next((file for file in candidates if file.is_file()), None)
         if label is None:
-            raise DataError(f"{image}: no label, expected {candidates[1]} or {candidates[0].name}")
+            problems.append(f"{image}: no label, expected {candidates[1]} or {candidates[0].name}")
         samples.append((image, label))
-    return samples
+    return samples, problems
 
 
 def _ade20k_base(root: Path) -> Path:
@@ -409,33 +436,34 @@ def _ade20k_base(root: Path) -> Path:
     return root / "ADEChallengeData2016" if (root / "ADEChallengeData2016").is_dir() else root
 
 
-def _ade20k_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+def _ade20k_samples(root: Path, split: str) -> tuple[list[tuple[Path, Path | None]], list[str]]:
     """images/<training|validation>/ADE_*.jpg with annotations/<same folder>/ADE_*.png."""
     base, folder = _ade20k_base(root), ADE20K_FOLDERS[split]
-    samples = []
+    samples, problems = [], []
     for image in sorted((base / "images" / folder).glob("*.jpg")):
         label = base / "annotations" / folder / f"{image.stem}.png"
         if not label.is_file():
-            raise DataError(f"{image}: no label, expected {label}")
-        samples.append((image, label))
-    return samples
+            problems.append(f"{image}: no label, expected {label}")
+        samples.append((image, label if label.is_file() else None))
+    return samples, problems
 
 
-def _coco_samples(root: Path, split: str) -> list[tuple[Path, Path]]:
+def _coco_samples(root: Path, split: str) -> tuple[list[tuple[Path, Path | None]], list[str]]:
     """<split>2017/<id>.jpg with masks/<id>.png rendered by prepare-coco."""
     if not (root / "masks").is_dir():
         raise DataError(f"{root / 'masks'}: COCO semantic masks missing; render them with "
                         f"python data.py prepare-coco --root {root}")
-    samples = []
+    samples, problems = [], []
     for image in sorted((root / f"{split}2017").glob("*.jpg")):
         label = root / "masks" / f"{image.stem}.png"
         if not label.is_file():
-            raise DataError(f"{image}: no mask, expected {label} (python data.py prepare-coco --root {root})")
-        samples.append((image, label))
-    return samples
+            problems.append(f"{image}: no mask, expected {label} (python data.py prepare-coco --root {root})")
+        samples.append((image, label if label.is_file() else None))
+    return samples, problems
 
 
 _LISTERS = {"cityscapes": _cityscapes_samples, "ade20k": _ade20k_samples, "coco": _coco_samples}
+LAYOUT_SPLITS = ("train", "val")  # the splits a real root's standard layout defines
 
 
 def _image_dir(dataset: str, root: Path, split: str) -> Path:
@@ -446,6 +474,29 @@ def _image_dir(dataset: str, root: Path, split: str) -> Path:
     return root / f"{split}2017"
 
 
+def _check_layout(spec: DatasetSpec, root: Path) -> None:
+    """DataError naming the folder unless root holds the image folder of at least one layout split."""
+    if not root.is_dir():
+        raise DataError(f"{root}: {spec.name} root not found (expected {LAYOUTS[spec.name]})")
+    if not any(_image_dir(spec.name, root, split).is_dir() for split in LAYOUT_SPLITS):
+        raise DataError(f"{root}: not a {spec.name} root (expected {LAYOUTS[spec.name]})")
+
+
+def _layout_split(spec: DatasetSpec, root: Path, split: str) -> tuple[list[tuple[Path, Path | None]], list[str]] | None:
+    """A layout split that has no split file yet: its (image, label or None) pairs and its problems (images without
+    a label, no image at all); None when the split file exists or the layout has no such split."""
+    path = split_path(spec.name, root, split)
+    if split not in LAYOUT_SPLITS or path.is_file():
+        return None
+    image_dir = _image_dir(spec.name, root, split)
+    if not image_dir.is_dir():
+        return None
+    samples, problems = _LISTERS[spec.name](root, split)
+    if not samples and not problems:
+        problems = [f"{image_dir}: no images (expected {LAYOUTS[spec.name]})"]
+    return samples, problems
+
+
 def prepare_root(dataset: str, root: str | Path) -> Path:
     """Make a dataset root usable: the toy world is generated if absent; a real root has its layout checked and its
     missing train/val split files written from the standard layout.
@@ -454,29 +505,25 @@ def prepare_root(dataset: str, root: str | Path) -> Path:
         dataset: registry name.
         root: dataset root.
     Returns:
-        The root as a Path. DataError naming the folder when the layout is wrong.
+        The root as a Path. DataError naming the folder when the layout is wrong, or the first image without a
+        label (`python data.py check` lists them all).
     """
     spec, root = get_spec(dataset), Path(root)
     if spec.name == "toy":
         if not toy_world_exists(root):
             make_toy_world(root)
         return root
-    if not root.is_dir():
-        raise DataError(f"{root}: {dataset} root not found (expected {LAYOUTS[dataset]})")
-    found = False
-    for split in ("train", "val"):
-        image_dir = _image_dir(spec.name, root, split)
-        if not image_dir.is_dir():
+    _check_layout(spec, root)
+    for split in LAYOUT_SPLITS:
+        listed = _layout_split(spec, root, split)
+        if listed is None:
             continue
-        found = True
-        path = split_path(dataset, root, split)
-        if not path.is_file():
-            samples = _LISTERS[spec.name](root, split)
-            if not samples:
-                raise DataError(f"{image_dir}: no images (expected {LAYOUTS[dataset]})")
-            write_split(path, samples)
-    if not found:
-        raise DataError(f"{root}: not a {dataset} root (expected {LAYOUTS[dataset]})")
+        samples, problems = listed
+        if problems:
+            more = (f" ({len(problems)} problems; python data.py check --dataset {dataset} --root {root} --split "
+                    f"{split} lists them)") if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+        write_split(split_path(dataset, root, split), samples)
     return root
 
 
@@ -1223,14 +1270,18 @@ def synthetic_images(source: str | Path) -> list[Path]:
     if source.is_dir():
         images = sorted(file for file in source.rglob("*") if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file())
     elif source.suffix == ".jsonl" and source.is_file():
-        images = []
+        first_line = {}  # image -> line: a repeated record would weight its image twice without a word
         for number, line in enumerate(source.read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                images.append(source.parent / json.loads(line)["file"])
+                image = source.parent / json.loads(line)["file"]
             except (ValueError, KeyError, TypeError):
                 raise DataError(f"{source}:{number}: expected a JSON object with a 'file' key") from None
+            if image in first_line:
+                raise DataError(f"{source}:{number}: {image} is listed again (first on line {first_line[image]})")
+            first_line[image] = number
+        images = list(first_line)
     elif source.suffix == ".txt" and source.is_file():
         images = [image for image, _ in read_split(source)]
     elif not source.exists():
@@ -1238,7 +1289,7 @@ def synthetic_images(source: str | Path) -> list[Path]:
     else:
         raise DataError(f"{source}: unsupported synthetic source (expected a folder, a .txt split file or a .jsonl manifest)")
     if not images:
-        raise DataError(f"{source}: no images found")
+        raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -1260,6 +1311,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         """
         self.crop_size = _check_crop(crop_size, patch_size)
         self.images = synthetic_images(source)
+        missing = [image for image in self.images if not image.is_file()]  # met at start, not hours into a run
+        if missing:
+            raise DataError(f"{missing[0]}: missing ({len(missing)} of the {len(self.images)} images of {source})")
         self.with_truth = with_truth
 
     def __len__(self) -> int:
@@ -1294,42 +1348,53 @@ class SyntheticDataset(torch.utils.data.Dataset):
 
 def _check_sample(spec: DatasetSpec, image_path: Path, label_path: Path | None,
                   reduce_zero_label: bool | None) -> tuple[list[str], tuple[int, int] | None, np.ndarray | None]:
-    """Decode one sample: (problems, image size (W, H), per-value pixel counts (256,) of its train ids)."""
+    """Decode one sample: (problems, image size (W, H), per-value pixel counts (256,) of its train ids). The image
+    and the label are checked apart, so that a sample with both broken reports both."""
+    problems, image, counts = [], None, None
     try:
         image = _open_image(image_path)
     except DataError as error:
-        return [str(error)], None, None
-    if label_path is None:
-        return [], image.size, None
-    try:
-        label = _open_label(label_path)
-        if label.size != image.size:
-            raise DataError(f"{label_path}: label is {label.width}×{label.height} but {image_path} is "
-                            f"{image.width}×{image.height}")
-        counts = _to_train_ids(label, spec, label_path, reduce_zero_label)[1]
-    except DataError as error:
-        return [str(error)], image.size, None
-    return [], image.size, np.array(counts)
+        problems.append(str(error))
+    if label_path is not None:
+        try:
+            label = _open_label(label_path)
+            if image is not None and label.size != image.size:
+                raise DataError(f"{label_path}: label is {label.width}×{label.height} but {image_path} is "
+                                f"{image.width}×{image.height}")
+            counts = np.array(_to_train_ids(label, spec, label_path, reduce_zero_label)[1])
+        except DataError as error:
+            problems.append(str(error))
+    return problems, None if image is None else image.size, None if problems else counts
 
 
 def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
           reduce_zero_label: bool | None) -> tuple[list[str], dict]:
-    """check_dataset's work, plus the statistics of the summary table."""
+    """check_dataset's work, plus the statistics of the summary table. Every problem is collected, none stops
+    the scan: a user fixing a dataset sees them all in one pass."""
     stats = {"samples": 0, "labelled": 0, "decoded": 0, "sizes": Counter(), "pixels": np.zeros(256, np.int64),
              "images_with": np.zeros(256, np.int64)}
     try:
-        spec, root = get_spec(dataset), prepare_root(dataset, root)
+        spec, root = get_spec(dataset), Path(root)
+        if spec.name == "toy":
+            prepare_root(dataset, root)
+        else:
+            _check_layout(spec, root)
         path = split_path(dataset, root, split)
-        samples = read_split(path)
+        # a real root's train/val without a split file yet: listed from the layout (as prepare_root does)
+        listed = None if spec.name == "toy" else _layout_split(spec, root, split)
+        if listed is None and not path.is_file() and split in LAYOUT_SPLITS and spec.name != "toy":
+            raise DataError(f"{path}: split file not found, and no {_image_dir(spec.name, root, split)} to make it from")
+        samples, problems = _parse_split(path) if listed is None else listed
     except DataError as error:
         return [str(error)], stats
-    if not samples:
+    if not samples and not problems:
         return [f"{path}: split file lists no images"], stats
+    if listed is not None and not problems:
+        write_split(path, samples)  # what prepare_root writes, so that training finds it
     stats["samples"] = len(samples)
     labelled = [label is not None for _, label in samples]
     stats["labelled"] = sum(labelled)
-    problems = []
-    if any(labelled) and not all(labelled):
+    if listed is None and any(labelled) and not all(labelled):
         first = samples[labelled.index(False)][0]
         problems.append(f"{path}: {len(labelled) - sum(labelled)} lines without a label, first {first}")
     present = []
@@ -1387,13 +1452,13 @@ def check_dataset(dataset: str, root: str | Path, split: str, *, quick: bool = F
     return _scan(dataset, root, split, quick=quick, reduce_zero_label=reduce_zero_label)[0]
 
 
-def _summary(dataset: str, split: str, stats: dict) -> str:
-    """The table `python data.py check` prints for a healthy split."""
+def _summary(dataset: str, split: str, stats: dict, problems: int) -> str:
+    """The table `python data.py check` prints after a split's problems (the classes over the readable samples)."""
     spec = get_spec(dataset)
     sizes = ", ".join(f"{w}×{h} ({n})" for (w, h), n in stats["sizes"].most_common(3))
     more = f" and {len(stats['sizes']) - 3} more" if len(stats["sizes"]) > 3 else ""
     lines = [f"{dataset} {split}: {stats['samples']} images, {stats['labelled']} labelled, "
-             f"{stats['decoded']} decoded; sizes {sizes}{more}"]
+             f"{stats['decoded']} decoded, {problems} problem(s); sizes {sizes or '-'}{more}"]
     total = stats["pixels"].sum()
     if total:
         lines += [f"{'id':>4}  {'class':<22}{'pixels %':>9}{'images':>8}"]
@@ -1475,7 +1540,7 @@ def main() -> None:
             failed = 0
             for split in [args.split] if args.split else ["train", "val"]:
                 problems, stats = _scan(args.dataset, root, split, quick=args.quick, reduce_zero_label=reduce)
-                print("\n".join(problems) if problems else _summary(args.dataset, split, stats))
+                print("\n".join([*problems, _summary(args.dataset, split, stats, len(problems))]))
                 failed += len(problems)
             if failed:
                 raise SystemExit(f"{failed} problem(s) in {args.dataset} at {root}")

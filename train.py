@@ -17,6 +17,9 @@ One step (B real + B synthetic images):
   1. batches  2. teacher (EMA, TTA) on the weak synthetic views  3. CutMix of strong views and teacher outputs
   4. student on [x; u_s]  5. L_x (CE / OHEM / set loss), L_u (OT soft CE / query loss on OT labels)
   6. L = (L_x + L_u) / 2, AdamW step, poly lr  7. EMA update  8. log, panels, eval, checkpoint
+Faults: a step whose L_x or L_u is not finite is skipped whole (no parameter, optimizer or EMA change; `skipped` in
+the log) and 10 in a row stop the run with last.pt at the last good step; a sample that cannot be decoded stops the
+run with one line naming the file, after saving last.pt at the last finished step (--resume auto continues).
 
 Shapes: B images per stream, K classes, H×W crop (c×c), Q queries.
 """
@@ -79,6 +82,14 @@ M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=
 NO_WEIGHT_DECAY = ("query_feat", "query_embed", "level_embed")
 METHODS = ("supervised", "pseudo", "soft", "sense")
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
+# Flag ranges checked before the presets fill in unset values (a 0 would be taken for unset)
+AT_LEAST_1 = ("iters", "batch_size", "real_batch", "crop_size", "eval_every", "save_every", "log_every", "grad_accum",
+              "ot_iters")
+AT_LEAST_0 = ("workers", "panel_every", "lr", "head_lr_mult", "weight_decay", "poly_power", "clip_grad")
+IN_0_1 = ("conf_thresh", "ema_decay", "ot_min_prob")
+RESUME_MACHINERY = ("out", "resume", "workers", "device", "log_every", "panel_every", "save_every", "eval_every",
+                    "pretrained")  # flags whose change on resume is no news (the weights come from the checkpoint)
+NONFINITE_LIMIT = 10  # steps in a row with a non-finite loss that stop a run (each one alone is skipped)
 PANEL_SAMPLES = 4  # synthetic samples drawn in each picture panel
 PANEL_SCALE = 3  # each crop drawn 3× (nearest), so a class of students can read a 64-pixel toy crop
 PANEL_LINE = 14  # pixels of one text line (PIL's default font is 11 px high)
@@ -157,6 +168,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def given_flags(args: argparse.Namespace) -> dict:
+    """The flags set on the command line (values other than the parser's defaults), as given: resolve_presets
+    replaces an unset value, and would replace a 0 too."""
+    defaults = vars(parse_args([]))
+    return {key: value for key, value in vars(args).items() if value != defaults[key]}
+
+
+def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
+    """Refuse values that would be replaced or ignored without a word (ValueError, one line); return a warning for
+    each given flag that has no effect on this run (refusing it would break sweeps that pass common flags).
+
+    Args:
+        args: resolved flags (resolve_presets).
+        given: given_flags before the presets.
+    Returns:
+        Warning lines, to print once.
+    """
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if (key in AT_LEAST_1 and value < 1) or (key in AT_LEAST_0 and value < 0):
+            raise ValueError(f"{flag} {value}: must be at least {1 if key in AT_LEAST_1 else 0}")
+        if (key in IN_0_1 and not 0 <= value <= 1) or (key == "ot_beta" and not value > 0):
+            raise ValueError(f"{flag} {value}: must be {'in [0, 1]' if key in IN_0_1 else 'positive'}")
+    unused = {}  # flag -> why it does nothing here
+    ot_flags = ("ot_beta", "ot_iters", "ot_scope", "ot_marginal", "ot_gate", "ot_min_prob")
+    if args.method == "supervised":
+        for key in ("conf_thresh", "tta", "no_cutmix", "m2f_ignore_as_negative", "panel_every", *ot_flags):
+            unused[key] = "--method supervised trains on no synthetic image"
+        if "iters" in given:
+            unused["synthetic"] = "--method supervised with --iters: it only sets the steps per epoch"
+    elif args.method != "sense":
+        for key in ot_flags:
+            unused[key] = f"--method {args.method} uses no OT"
+    elif args.ot_marginal != "present":
+        unused["ot_min_prob"] = f"--ot-marginal {args.ot_marginal} (it sets which classes are present)"
+    if args.arch == "dpt":
+        unused["m2f_ignore_as_negative"] = "--arch dpt"
+    else:
+        unused["ohem"] = "--arch mask2former: L_x is the set loss"
+    if args.dataset != "ade20k":
+        unused["ade_reduced"] = f"--dataset {args.dataset}: only ADE20K masks have a zero label to reduce"
+    warnings = [f"--{key.replace('_', '-')} has no effect with {why}" for key, why in unused.items() if key in given]
+    if args.arch == "mask2former" and args.method == "soft":
+        warnings.append("--method soft with --arch mask2former trains as --method pseudo: the query loss takes the "
+                        "hard labels of the teacher's probabilities")
+    return warnings
+
+
 def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every flag the user left unset from the dataset and arch presets."""
     ds, arch = DATASET_PRESETS[args.dataset], ARCH_PRESETS[args.arch]
@@ -167,7 +226,7 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     args.crop_size = args.crop_size or ds["crop"][args.arch]
     args.batch_size = args.batch_size or ds["batch_size"]
     args.tta = args.tta or ds["tta"]
-    args.ohem = args.ohem or ("on" if ds["ohem"] else "off")
+    args.ohem = args.ohem or ("on" if ds["ohem"] and args.arch == "dpt" else "off")  # Mask2Former's L_x has none
     args.ot_marginal = args.ot_marginal or arch["ot_marginal"]
     random_init = models.is_no_weights(args.pretrained)
     optim = {**arch, **((TOY_OPTIM_RANDOM_INIT if random_init else TOY_OPTIM) if args.backbone == "toy" else {}),
@@ -228,13 +287,38 @@ class Seeded(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
+class Caught(torch.utils.data.Dataset):
+    """Gives a sample that cannot be decoded back as its data.DataError instead of raising it: a DataLoader worker
+    would wrap a raised one in its traceback, while a returned one reaches the training loop as the dataset's own
+    line naming the file (see collate and take)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        try:
+            return self.dataset[item]
+        except data.DataError as error:
+            return error
+
+
+def collate(items: list):
+    """default_collate of a batch, or the DataError of its first sample that could not be decoded."""
+    failed = next((item for item in items if isinstance(item, data.DataError)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
+
+
 def make_loader(dataset, *, batch: int, start: int, steps: int, seed: int, rank: int, world: int, workers: int,
                 pin: bool) -> torch.utils.data.DataLoader:
     sampler = StepSampler(len(dataset), batch=batch, start=start, steps=steps, seed=seed, rank=rank, world=world)
     # A generator of its own: a DataLoader draws its workers' base seed from it, which would otherwise shift the
     # global RNG (used by the Mask2Former point sampling) and break resume = uninterrupted run.
-    return torch.utils.data.DataLoader(Seeded(dataset), batch_size=batch, sampler=sampler, num_workers=workers,
-                                       pin_memory=pin, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(Caught(Seeded(dataset)), batch_size=batch, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin, drop_last=True, generator=torch.Generator().manual_seed(seed),
+                                       collate_fn=collate)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -356,6 +440,15 @@ def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float,
     return (ce * keep).sum() / max(n, 1), n
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when flag is true on any rank (flag itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    total = torch.tensor(float(flag), device=device)
+    dist.all_reduce(total)
+    return bool(total > 0)
+
+
 def ddp_mean(mean: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
     """Turn a rank-local mean over `count` pixels into this rank's share of the mean over all ranks' pixels, so that
     DDP's gradient averaging gives the gradient of the global mean (equal to one process with the whole batch)."""
@@ -465,6 +558,14 @@ def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay:
 # Output: checkpoints, panels, logs
 
 
+def rng_states(device: torch.device) -> dict:
+    """The global RNG states a checkpoint carries (the CUDA one on CUDA)."""
+    states = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic torch.save: a killed run never leaves a truncated checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -557,7 +658,10 @@ def save_confusion(path: Path, confusion: torch.Tensor, classes: tuple[str, ...]
 
 
 def main(argv=None) -> None:
-    args = resolve_presets(parse_args(argv))
+    args = parse_args(argv)
+    given = given_flags(args)
+    args = resolve_presets(args)
+    flag_warnings = check_flags(args, given)
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
 
@@ -598,6 +702,9 @@ def main(argv=None) -> None:
     resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if resume is not None and args.resume != "auto" and not resume.is_file():
         raise ValueError(f"--resume {resume}: checkpoint not found")
+    if resume is None and (Path(args.out) / "last.pt").is_file():  # it would be overwritten, its log mixed in
+        raise ValueError(f"--out {args.out}: holds a run (last.pt); continue it with --resume auto, or choose "
+                         f"another --out")
     student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
     B = args.batch_size
     B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
@@ -625,6 +732,8 @@ def main(argv=None) -> None:
               f"{f' + {B} synthetic' if use_synthetic else ''} x {world} rank(s) x {args.grad_accum} | crop "
               f"{args.crop_size} | {device} {amp} | run folder {out}")
         print("config: " + json.dumps(vars(args)))
+        for warning in flag_warnings:
+            print(f"train.py: warning: {warning}")
 
     # ---- model, teacher, optimizer
     teacher = deepcopy(student).eval()  # EMA teacher: never trained by gradients
@@ -643,6 +752,12 @@ def main(argv=None) -> None:
             if state["args"][key] != getattr(args, key):
                 raise ValueError(f"--resume {resume}: checkpoint has {key}={state['args'][key]!r}, this run "
                                  f"{getattr(args, key)!r}")
+        # other settings may change on purpose (a lower --lr after a divergence, more --iters): said, not refused
+        changed = [f"{key} {state['args'][key]!r} -> {value!r}" for key, value in vars(args).items()
+                   if key not in RESUME_MACHINERY and key in state["args"] and state["args"][key] != value]
+        if changed and is_main:
+            print(f"train.py: warning: --resume {resume}: continuing with settings other than the checkpoint's: "
+                  + ", ".join(changed))
         student.load_state_dict(state["model"])
         teacher.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -653,18 +768,45 @@ def main(argv=None) -> None:
         if device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         if is_main:
-            print(f"resumed from {resume} at step {start}")
+            done_already = f" of {total}: nothing left to train" if start >= total else ""
+            print(f"resumed from {resume} at step {start}{done_already}")
+    elif resume is not None and is_main:
+        print(f"--resume auto: no {resume} yet, starting at step 0")
     device_ids = [device.index] if device.type == "cuda" else None
     net = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if distributed else student
 
-    def checkpoint(step: int, name: str = "last.pt") -> None:
+    def checkpoint(step: int, rng: dict | None = None, name: str = "last.pt") -> None:
+        """Save <out>/name at `step`, with the RNG states `rng` (default: the current ones)."""
         if is_main:
             state = {"model": student.state_dict(), "ema": teacher.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "best_miou": best, "best_step": best_step,
-                     "args": vars(args), "rng_cpu": torch.get_rng_state(), "pseudo_confusion": pseudo_confusion}
-            if device.type == "cuda":
-                state["rng_cuda"] = torch.cuda.get_rng_state(device)
+                     "args": vars(args), "pseudo_confusion": pseudo_confusion, **(rng or rng_states(device))}
             save_checkpoint(out / name, state)
+
+    def data_fault(error: data.DataError | None, finished: int, rng: dict) -> data.DataError:
+        """A sample that cannot be decoded: save the checkpoint of the last finished step, then the one line to stop
+        with (error None: another rank's sample)."""
+        checkpoint(finished, rng)
+        return data.DataError(f"{error or 'another rank met a sample it cannot decode'}; saved {out / 'last.pt'} at "
+                              f"step {finished}: fix or remove the file, then continue with --resume auto")
+
+    def fetch(batches) -> list[torch.Tensor]:
+        """The next batch of a training loader, on the device. Called in step `step`, whose RNG states at its
+        start are `rng_step`: a fault is saved as the end of the step before, so that --resume auto continues
+        exactly as a run that never met it."""
+        batch = next(batches)
+        failed = isinstance(batch, data.DataError)
+        if any_rank(failed, device):  # every rank stops at the same step, or the next collective would hang
+            raise data_fault(batch if failed else None, step, rng_step)
+        return [t.to(device, non_blocking=True) for t in batch]
+
+    def take(loader):
+        """The batches of the validation loader; a sample that cannot be decoded stops the run as in fetch (after
+        step `done`). Ranks are not synchronised here: their shards differ in length, and torchrun stops the rest."""
+        for batch in loader:
+            if isinstance(batch, data.DataError):
+                raise data_fault(batch, done, rng_states(device))
+            yield batch
 
     stop = {"requested": False}  # SIGTERM (a scheduler's pre-emption): finish the step, save, exit cleanly
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -674,9 +816,13 @@ def main(argv=None) -> None:
                   world=world, workers=args.workers, pin=device.type == "cuda")
     real_iter = iter(make_loader(real_set, batch=B_x, **common))
     syn_iter = iter(make_loader(syn_set, batch=B, **{**common, "seed": args.seed + 1})) if use_synthetic else None
-    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, range(rank, len(val_set), world)),
-                                             batch_size=1, num_workers=args.workers, generator=torch.Generator())
+    val_loader = torch.utils.data.DataLoader(Caught(torch.utils.data.Subset(val_set, range(rank, len(val_set), world))),
+                                             batch_size=1, num_workers=args.workers, generator=torch.Generator(),
+                                             collate_fn=collate)
     log_file = out / "metrics.jsonl"
+    if is_main and start == 0 and log_file.exists():  # left by an attempt that ended before its first checkpoint
+        log_file.unlink()
+        print(f"{log_file}: replaced (an earlier attempt without a checkpoint)")
     ohem = args.ohem == "on"
     class_marginal = args.ot_marginal
     if args.ot_marginal == "prior":  # the labelled split's class pixel frequencies, a (K,) tensor
@@ -684,18 +830,21 @@ def main(argv=None) -> None:
                                                              reduce_zero_label=reduce_zero))
         if is_main:
             print("class marginal (prior): " + " ".join(f"{n} {f:.3f}" for n, f in zip(spec.classes, class_marginal)))
-    t_last, meter = time.perf_counter(), {}
+    t_last, meter, interval = time.perf_counter(), {}, {"steps": 0, "skipped": 0}
+    skipped_in_row, last_good = 0, None  # non-finite losses: the current run of skipped steps, (step, RNG) before it
     progress = tqdm(range(start, total), initial=start, total=total, disable=not is_main, desc="train", leave=False)
     for step in progress:
+        rng_step = rng_states(device)  # as the last finished step left them: what a checkpoint of that step holds
+        confusion_before = pseudo_confusion.clone()  # restored when the step is skipped
         student.train()
         for group in optimizer.param_groups:  # poly lr, per iteration
             group["lr"] = poly_lr(group["base"], step, total, args.poly_power)
-        logs = {}
+        logs, finite = {}, True
         for micro in range(args.grad_accum):
             # 1. batches
-            image_x, label_x = (t.to(device, non_blocking=True) for t in next(real_iter))  # (B_x, 3, c, c), (B_x, c, c)
+            image_x, label_x = fetch(real_iter)  # (B_x, 3, c, c), (B_x, c, c)
             if use_synthetic:
-                batch_u = [t.to(device, non_blocking=True) for t in next(syn_iter)]
+                batch_u = fetch(syn_iter)
                 image_w, image_s, ignore_u, box = batch_u[:4]  # (B, 3, c, c) ×2, (B, c, c) bool ×2
                 truth = batch_u[4] if len(batch_u) > 4 else None  # (B, c, c) toy world only: never trained on
                 if args.no_cutmix:
@@ -745,26 +894,41 @@ def main(argv=None) -> None:
                     trained = gate & (truth != data.IGNORE_INDEX)
                     pseudo_confusion += confusion_matrix(label_u[trained], truth[trained], K)
             loss = (loss_x + loss_u) / 2 if use_synthetic else loss_x
-            # 6. backward (accumulated), optimizer step
+            # 6. backward (accumulated; a non-finite loss too, since DDP's gradient hooks must run on every rank)
             scaler.scale(loss / args.grad_accum).backward()
             logs["loss_x"], logs["loss_u"] = loss_x.item(), loss_u.item()
-        if args.clip_grad > 0:  # clipping runs before the step (on unscaled gradients)
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        # 7. EMA teacher
-        ema_update(teacher, student, step, args.ema_decay)
+            finite = finite and math.isfinite(logs["loss_x"]) and math.isfinite(logs["loss_u"])
+        # A non-finite loss on any rank (bf16 overflow, a bad batch) skips the step: no parameter, optimizer, scaler
+        # or EMA change; the gradients are dropped. The scaler's own inf/NaN check covers finite losses whose
+        # fp16 gradients overflow.
+        skipped = any_rank(not finite, device)
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            pseudo_confusion.copy_(confusion_before)  # nothing was trained on
+            skipped_in_row += 1
+            if skipped_in_row == 1:  # the state stays the one the step before left: where a stop would save
+                last_good = (step, rng_step)
+        else:
+            if args.clip_grad > 0:  # clipping runs before the step (on unscaled gradients)
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            # 7. EMA teacher
+            ema_update(teacher, student, step, args.ema_decay)
+            skipped_in_row = 0
         done = step + 1
         # 8. log, panels, evaluation, checkpoint
-        for key, value in logs.items():
+        interval["steps"] += 1
+        interval["skipped"] += skipped
+        for key, value in ({} if skipped else logs).items():  # a skipped step's NaN would spoil the interval's means
             meter.setdefault(key, []).append(value)
         if is_main and (done % args.log_every == 0 or done == total):
             now = time.perf_counter()
-            line = {"step": done, **{k: sum(v) / len(v) for k, v in meter.items()},
-                    "lr": optimizer.param_groups[0]["lr"], "s_per_step": (now - t_last) / max(1, len(meter.get("loss_x", [1])))}
-            t_last, meter = now, {}
+            line = {"step": done, **{k: sum(v) / len(v) for k, v in meter.items()}, "skipped": interval["skipped"],
+                    "lr": optimizer.param_groups[0]["lr"], "s_per_step": (now - t_last) / interval["steps"]}
+            t_last, meter, interval = now, {}, {"steps": 0, "skipped": 0}
             progress.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
             with open(log_file, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -788,11 +952,11 @@ def main(argv=None) -> None:
             legend += [(f"OT: {name}", colour) for name, colour in CHANGED_COLOURS.items()]
             save_panel(out / "panels" / f"step{done:07d}.png", columns, legend=legend, caption=caption)
         if done % args.eval_every == 0 or done == total:
-            result = evaluate(teacher, val_loader, num_classes=K, mode=args.eval_mode, crop_size=args.crop_size,
+            result = evaluate(teacher, take(val_loader), num_classes=K, mode=args.eval_mode, crop_size=args.crop_size,
                               device=device, amp_dtype=amp_dtype, progress=False)
             if best is None or result["miou"] > best:  # the reference code keeps and reports the best evaluation
                 best, best_step = result["miou"], done
-                checkpoint(done, "best.pt")
+                checkpoint(done, name="best.pt")
             if is_main:
                 progress.write(f"step {done}: EMA mIoU {result['miou']:.2f} (best {best:.2f} at step {best_step})")
                 with open(log_file, "a") as f:
@@ -802,13 +966,15 @@ def main(argv=None) -> None:
                     if pseudo_confusion.any():  # rows: true class, columns: trained pseudo-label (pixels)
                         line["pseudo_confusion"] = pseudo_confusion.tolist()
                     f.write(json.dumps(line) + "\n")
-        stop_now = stop["requested"]
-        if distributed:  # every rank stops at the same step, or the next collective would hang
-            flag = torch.tensor(float(stop_now), device=device)
-            dist.all_reduce(flag)
-            stop_now = bool(flag > 0)
+        stop_now = any_rank(stop["requested"], device)  # every rank stops at the same step
         if done % args.save_every == 0 or done == total or stop_now:
             checkpoint(done)
+        if skipped_in_row == NONFINITE_LIMIT:
+            checkpoint(*last_good)  # the state is still the last good step's: nothing was applied since
+            raise FloatingPointError(
+                f"loss_x {logs['loss_x']:.4g}, loss_u {logs['loss_u']:.4g}: a non-finite loss in {NONFINITE_LIMIT} "
+                f"steps in a row ({last_good[0] + 1}..{done}); {out / 'last.pt'} holds step {last_good[0]}, the last "
+                f"good one (a lower --lr, --clip-grad or --amp off, then --resume auto)")
         if stop_now:
             if is_main:
                 progress.write(f"SIGTERM: saved {out / 'last.pt'} at step {done}; continue with --resume auto")
@@ -829,5 +995,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (data.DataError, ValueError) as error:
+    except (data.DataError, ValueError, FloatingPointError) as error:
         sys.exit(f"train.py: {error}")

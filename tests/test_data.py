@@ -434,7 +434,7 @@ def test_check_cli_reports_each_problem_on_one_line(tmp_path, monkeypatch, capsy
     assert quick == [f"{val_label}: missing (listed in {tmp_path / 'val.txt'})"]
     status, out, message = run_cli(monkeypatch, capsys, "check", "--dataset", "cityscapes", "--root", str(tmp_path))
     assert status == 1
-    lines = out.strip().splitlines()
+    lines = [line for line in out.splitlines() if line.startswith(str(tmp_path))]  # problems; summaries follow
     assert len(lines) == 3
     assert lines[0].startswith(f"{aachen}: unreadable image")
     assert lines[1].startswith(f"{bochum_label}: label is 20×16 but")
@@ -464,3 +464,71 @@ def test_strong_view_matches_its_torchvision_twin():
         differences.append(difference.mean())
         assert difference.mean() < 2.5 and np.percentile(difference, 99) < 10, (seed, ops)
     assert np.mean(differences) < 1.6  # 1.34 on these 24 draws
+
+
+def test_check_lists_every_planted_fault_once_then_the_summary(tmp_path, monkeypatch, capsys):
+    """A value 40 in a trainIds file, an image without a label, an image that is not a PNG: each named once, in one
+    pass (the missing label used to stop the scan, and was printed once per split)."""
+    values = np.array([[7, 26], [24, 0]], np.uint8).repeat(8, 0).repeat(8, 1)  # (16, 16) labelIds
+    stems = {"aachen": "aachen_000001_000019", "bochum": "bochum_000002_000019", "bremen": "bremen_000003_000019",
+             "dresden": "dresden_000004_000019"}
+    for city, stem in stems.items():
+        save(np.full((16, 16, 3), 90, np.uint8), tmp_path / "leftImg8bit/train" / city / f"{stem}_leftImg8bit.png")
+        if city != "bochum":
+            save(values, tmp_path / "gtFine/train" / city / f"{stem}_gtFine_labelIds.png")
+    frankfurt = "frankfurt/frankfurt_000000_000294"
+    save(np.full((16, 16, 3), 90, np.uint8), tmp_path / f"leftImg8bit/val/{frankfurt}_leftImg8bit.png")
+    save(values, tmp_path / f"gtFine/val/{frankfurt}_gtFine_labelIds.png")
+    train_ids = data.CITYSCAPES_LUT[values].copy()
+    train_ids[0, 0] = 40
+    save(train_ids, tmp_path / "gtFine/train/aachen" / f"{stems['aachen']}_gtFine_labelTrainIds.png")
+    (tmp_path / "leftImg8bit/train/bremen" / f"{stems['bremen']}_leftImg8bit.png").write_text("this is not a PNG")
+    status, out, message = run_cli(monkeypatch, capsys, "check", "--dataset", "cityscapes", "--root", str(tmp_path))
+    assert status == 1 and message == f"3 problem(s) in cityscapes at {tmp_path}"
+    lines = out.strip().splitlines()
+    for fault, stem in (("label values [40] >= 19", "aachen_000001"), ("no label, expected", "bochum_000002"),
+                        ("unreadable image", "bremen_000003")):
+        named = [line for line in lines if stem in line]
+        assert len(named) == 1 and fault in named[0], (stem, lines)
+    assert not any("dresden" in line or "frankfurt" in line for line in lines)  # the healthy samples
+    assert lines[3].startswith("cityscapes train: 4 images, 3 labelled, 4 decoded, 3 problem(s)")
+    assert any(line.startswith("cityscapes val: 1 images, 1 labelled, 1 decoded, 0 problem(s)") for line in lines)
+    assert not (tmp_path / "train.txt").exists() and (tmp_path / "val.txt").is_file()  # no split with a hole
+    with pytest.raises(data.DataError, match="bochum_000002_000019_leftImg8bit.png: no label"):
+        data.prepare_root("cityscapes", tmp_path)  # what training says: the first, and where to see them all
+
+
+def test_check_reports_every_bad_split_line(tmp_path):
+    save(np.zeros((8, 8, 3), np.uint8), tmp_path / "a.png")
+    save(np.zeros((8, 8), np.uint8), tmp_path / "a_label.png")
+    (tmp_path / "toy.json").write_text(json.dumps({"version": data.TOY_VERSION}))
+    split = tmp_path / "train.txt"
+    split.write_text("a.png a_label.png\n\na.png a_label.png\nb.png c.png d.png\n")
+    assert data.check_dataset("toy", tmp_path, "train") == [
+        f"{split}:3: a.png is listed again (first on line 1)", f"{split}:4: expected 'image [label]', got 3 fields"]
+    with pytest.raises(data.DataError, match=f"{split}:3: a.png is listed again .*\\(2 bad lines"):
+        data.read_split(split)
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"file": "a.png"}\n{"file": "a.png"}\n')
+    with pytest.raises(data.DataError, match=f"{manifest}:2: .*a.png is listed again \\(first on line 1\\)"):
+        data.synthetic_images(manifest)
+
+
+def test_labels_that_would_be_changed_quietly_are_refused(tmp_path):
+    not_ids = save(np.array([[7, 40]], np.uint8), tmp_path / "x_gtFine_labelIds.png")  # 40: no Cityscapes id
+    with pytest.raises(data.DataError, match=f"{not_ids}: label values \\[40\\] are not Cityscapes label ids"):
+        data.load_label("cityscapes", not_ids)
+    fractions = tmp_path / "float.tif"
+    Image.fromarray(np.array([[1.0, 2.5]], np.float32)).save(fractions)  # mode F: 2.5 would become 2
+    with pytest.raises(data.DataError, match=f"{fractions}: label values are not whole numbers"):
+        data.load_label("toy", fractions)
+    whole = tmp_path / "whole.tif"
+    Image.fromarray(np.array([[1.0, 2.0]], np.float32)).save(whole)
+    assert data.load_label("toy", whole).tolist() == [[1, 2]]
+
+
+def test_synthetic_set_with_a_missing_listed_image_fails_at_start(tmp_path):
+    save(np.zeros((8, 8, 3), np.uint8), tmp_path / "gen/1.png")
+    (tmp_path / "syn.txt").write_text("gen/1.png\ngen/2.png\ngen/3.png\n")
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'gen/2.png'}: missing \\(2 of the 3 images of"):
+        data.SyntheticDataset(tmp_path / "syn.txt", crop_size=8, patch_size=8)

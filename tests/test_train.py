@@ -7,6 +7,7 @@ Runs use a 32×32 crop of a toy world with a handful of images (made once per se
 real subprocess at least once per arch; the other cases call train.main in-process, which runs the same code
 without paying the ~6 s import of torch + timm again.
 """
+import copy
 import json
 import os
 import re
@@ -27,6 +28,7 @@ import data
 import model
 import train
 from model import build_model
+from ot import soft_cross_entropy as ot_soft_cross_entropy  # the real one, for nan_at
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2-core machine: processes must not oversubscribe
@@ -226,7 +228,7 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
     args = json.loads((out / "args.json").read_text())
     assert (args["arch"], args["method"], args["crop_size"], args["num_classes"]) == (arch, method, CROP, K)
     logs, evals = read_metrics(out)
-    expected = {"step", "loss_x", "loss_u", "lr", "s_per_step"}
+    expected = {"step", "loss_x", "loss_u", "skipped", "lr", "s_per_step"}
     if method != "supervised":
         expected |= {"mask_ratio", "ot_changed", "acc_all", "acc_teacher"}
         if "acc_trained" in logs[-1]:  # only when some pixel with a true class passed the gate
@@ -236,7 +238,7 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
     if method != "supervised" and arch == "mask2former":
         expected |= {"image_ratio"}  # share of synthetic images the query-confidence gate keeps
     assert set(logs[-1]) == expected and logs[-1]["step"] == steps
-    assert all(np.isfinite(logs[-1][key]) for key in expected)
+    assert all(np.isfinite(logs[-1][key]) for key in expected) and logs[-1]["skipped"] == 0
     assert logs[-1]["lr"] == pytest.approx(train.poly_lr(args["lr"], steps - 1, steps, args["poly_power"]))
     assert evals[-1]["step"] == steps and len(evals[-1]["iou"]) == K and 0 <= evals[-1]["miou"] <= 100
     assert evals[-1]["classes"] == list(data.TOY_CLASSES) and evals[-1]["things"] == list(data.TOY_CLASSES[3:])
@@ -562,3 +564,212 @@ def test_real_dataset_evaluates_every_epoch_and_keeps_the_best(tmp_path):
     state = load(out / "best.pt")
     assert state["step"] == state["best_step"] == best["step"] and state["best_miou"] == best["miou"]
     assert load(out / "last.pt")["best_step"] == best["step"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults in the middle of a run: a sample that cannot be decoded, non-finite losses; flags quietly ignored
+
+
+def eight_synthetic_images(root: Path, folder: Path) -> list[Path]:
+    """A synthetic folder of 8 images (the toy world's 4, twice), so that an epoch lasts 4 steps of 2: an image
+    can be met after the first steps (files sorted by name, as data.synthetic_images lists a folder)."""
+    folder.mkdir()
+    sources = data.read_split(root / "synthetic.txt")
+    for index in range(8):
+        (folder / f"{index:06d}.jpg").write_bytes(sources[index % len(sources)][0].read_bytes())
+    return sorted(folder.iterdir())
+
+
+def met_in_step_3(images: list[Path]) -> Path:
+    """The first synthetic image of step 3 (index 2) of a seed-0 run with B = 2 (the synthetic loader's seed is 1)."""
+    order = list(train.StepSampler(len(images), batch=2, start=0, steps=4, seed=1, rank=0, world=1))
+    return images[order[2 * 2][0]]
+
+
+def test_corrupt_image_mid_run_stops_after_saving_the_last_step_then_resumes_exactly(toy_root, tmp_path):
+    images = eight_synthetic_images(toy_root, tmp_path / "syn")
+    argv = ["--synthetic", str(tmp_path / "syn"), "--save-every", "100", "--conf-thresh", "0"]
+    run_main(flags(toy_root, tmp_path / "a", *argv, iters=4))
+    bad = met_in_step_3(images)
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:len(good_bytes) // 2])  # a truncated JPEG: its header reads, its pixels do not
+    with pytest.raises(data.DataError) as error:  # in the main process (--workers 0)
+        run_main(flags(toy_root, tmp_path / "b", *argv, iters=4))
+    message = str(error.value)
+    assert message.startswith(f"{bad}: unreadable image") and "\n" not in message
+    assert message.endswith(f"saved {tmp_path / 'b' / 'last.pt'} at step 2: fix or remove the file, then continue "
+                            "with --resume auto")
+    assert load(tmp_path / "b" / "last.pt")["step"] == 2  # --save-every 100: only the fault saved it
+    bad.write_bytes(good_bytes)
+    run_main(flags(toy_root, tmp_path / "b", *argv, "--resume", "auto", iters=4))
+    assert_same_training_state(load(tmp_path / "a" / "last.pt"), load(tmp_path / "b" / "last.pt"))
+
+
+def test_corrupt_image_in_a_loader_worker_is_one_line_and_exit_1(toy_root, tmp_path):
+    images = eight_synthetic_images(toy_root, tmp_path / "syn")
+    bad = met_in_step_3(images)
+    bad.write_bytes(b"\xff\xd8 not a JPEG after all")
+    argv = flags(toy_root, tmp_path / "run", "--synthetic", str(tmp_path / "syn"), "--save-every", "100", iters=4)
+    argv[argv.index("--workers") + 1] = "1"
+    result = run_script("train.py", *argv)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py:")]
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: {bad}: unreadable image")
+    assert lines[0] == result.stderr.strip().splitlines()[-1]
+    assert load(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+def test_corrupt_validation_image_met_at_evaluation_stops_after_saving_the_step(toy_root, tmp_path):
+    val = tmp_path / "val"
+    val.mkdir()
+    sources = data.read_split(toy_root / "val.txt")
+    lines = []
+    for index in range(10):  # train.py's quick check decodes 8 of 10, spread: positions 2 and 7 only at evaluation
+        image, label = sources[index % len(sources)]
+        (val / f"{index}.jpg").write_bytes(image.read_bytes())
+        (val / f"{index}.png").write_bytes(label.read_bytes())
+        lines.append(f"{index}.jpg {index}.png")
+    (val / "val.txt").write_text("\n".join(lines) + "\n")
+    (val / "2.png").write_bytes(b"not a PNG")
+    with pytest.raises(data.DataError) as error:
+        run_main(flags(toy_root, tmp_path / "run", "--method", "supervised", "--val-split", str(val / "val.txt"),
+                       "--save-every", "100", iters=4))
+    assert str(error.value) == (f"{val / '2.png'}: unreadable label (cannot identify image file '{val / '2.png'}'); "
+                                f"saved {tmp_path / 'run' / 'last.pt'} at step 2: fix or remove the file, then "
+                                "continue with --resume auto")
+    assert load(tmp_path / "run" / "last.pt")["step"] == 2  # the step whose evaluation met it
+
+
+def log_lines(out: Path) -> list[dict]:
+    """Every training line of metrics.jsonl (read_metrics keeps those with a loss: a skipped step has none)."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "miou" not in line]
+
+
+def nan_at(calls: set[int]):
+    """A stand-in for train.soft_cross_entropy whose loss is NaN at the given 1-based calls; the graph stays, so
+    the NaN reaches every gradient."""
+    count = {"calls": 0}
+
+    def loss(*args, **kwargs):
+        count["calls"] += 1
+        value = ot_soft_cross_entropy(*args, **kwargs)
+        return value * float("nan") if count["calls"] in calls else value
+
+    return loss
+
+
+def test_non_finite_loss_skips_the_step_without_any_update(toy_root, tmp_path, monkeypatch):
+    saved, ema_steps = {}, []
+    save_checkpoint, ema_update = train.save_checkpoint, train.ema_update
+
+    def keep(path, state):
+        saved[state["step"]] = copy.deepcopy(state)
+        save_checkpoint(path, state)
+
+    def record(teacher, student, step, decay):
+        ema_steps.append(step)
+        ema_update(teacher, student, step, decay)
+
+    monkeypatch.setattr(train, "save_checkpoint", keep)
+    monkeypatch.setattr(train, "ema_update", record)
+    monkeypatch.setattr(train, "soft_cross_entropy", nan_at({3, 4}))  # steps 3 and 4 (one micro-batch per step)
+    out = tmp_path / "run"
+    run_main(flags(toy_root, out, "--save-every", "1", "--log-every", "1", "--eval-every", "100",
+                   "--conf-thresh", "0", iters=6))
+    assert ema_steps == [0, 1, 4, 5]  # step index: the EMA skipped steps 3 and 4 too
+
+    def same(a: dict, b: dict) -> bool:
+        tensors = [(a[key], b[key]) for key in ("model", "ema")]
+        tensors += [(a["optimizer"]["state"][i][name], b["optimizer"]["state"][i][name])
+                    for i in a["optimizer"]["state"] for name in a["optimizer"]["state"][i]]
+        return all(torch.equal(x[k], y[k]) for x, y in tensors[:2] for k in x) and \
+            all(torch.equal(x, y) for x, y in tensors[2:]) and a["scaler"] == b["scaler"]
+
+    assert same(saved[2], saved[3]) and same(saved[2], saved[4])  # nothing moved over the skipped steps
+    assert not same(saved[1], saved[2]) and not same(saved[4], saved[5])  # the others did train
+    assert all(int(state["step"]) == 4 for state in saved[6]["optimizer"]["state"].values())  # 6 steps - 2 skipped
+    logs = log_lines(out)
+    assert [line["skipped"] for line in logs] == [0, 0, 1, 1, 0, 0]
+    assert "loss_u" not in logs[2] and all(np.isfinite(line["loss_u"]) for line in logs if not line["skipped"])
+
+
+def test_ten_non_finite_steps_in_a_row_stop_with_one_line_and_the_last_good_checkpoint(toy_root, tmp_path):
+    out = tmp_path / "run"
+    argv = flags(toy_root, out, "--save-every", "1", "--eval-every", "100", "--conf-thresh", "0", iters=30)
+    code = ("import ot, runpy, sys\n"  # the loss of step 3 on is NaN, as train.py's own name for it
+            "real, calls = ot.soft_cross_entropy, [0]\n"
+            "def nan_from_3(*args):\n"
+            "    calls[0] += 1\n"
+            "    return real(*args) * (float('nan') if calls[0] >= 3 else 1.0)\n"
+            "ot.soft_cross_entropy = nan_from_3\n"
+            f"sys.argv = ['train.py', *{argv!r}]\n"
+            "runpy.run_path('train.py', run_name='__main__')\n")
+    result = run_script("-c", code)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("train.py: loss_x ") and "loss_u nan: a non-finite loss in 10 steps in a row (3..12)" \
+        in lines[-1] and lines[-1].endswith(f"{out / 'last.pt'} holds step 2, the last good one (a lower --lr, "
+                                            "--clip-grad or --amp off, then --resume auto)")
+    state = load(out / "last.pt")
+    assert state["step"] == 2
+    assert all(int(s["step"]) == 2 for s in state["optimizer"]["state"].values())  # no update after step 2
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert [(line["step"], line["skipped"]) for line in log_lines(out)] == [(10, 8)]  # steps 3..10 of that interval
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--iters", "0"], "--iters 0: must be at least 1"),  # was: the preset's 300 steps
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),  # was: the preset's 8
+    (["--crop-size", "0"], "--crop-size 0: must be at least 1"),  # was: the preset's 64
+    (["--log-every", "0"], "--log-every 0: must be at least 1"),  # was: ZeroDivisionError after the first step
+    (["--clip-grad", "-1"], "--clip-grad -1.0: must be at least 0"),  # was: clipping off
+    (["--conf-thresh", "1.5"], "--conf-thresh 1.5: must be in [0, 1]"),  # was: no pixel ever trained on
+    (["--ot-beta", "0"], "--ot-beta 0.0: must be positive"),
+])
+def test_values_that_were_replaced_or_ignored_are_refused(extra, message, toy_root, tmp_path):
+    assert in_process_error(flags(toy_root, tmp_path / "run", *extra)) == message
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+def warnings_of(*argv: str) -> list[str]:
+    args = train.parse_args(list(argv))
+    given = train.given_flags(args)
+    return train.check_flags(train.resolve_presets(args), given)
+
+
+def test_flags_without_effect_are_named_once():
+    assert warnings_of() == [] and warnings_of("--arch", "mask2former", "--dataset", "ade20k", "--ade-reduced") == []
+    assert warnings_of("--method", "supervised", "--ot-beta", "0.1", "--tta", "none") == [
+        "--tta has no effect with --method supervised trains on no synthetic image",
+        "--ot-beta has no effect with --method supervised trains on no synthetic image"]
+    assert warnings_of("--method", "pseudo", "--ot-iters", "5") == [
+        "--ot-iters has no effect with --method pseudo uses no OT"]
+    assert warnings_of("--ot-marginal", "uniform", "--ot-min-prob", "0.1") == [
+        "--ot-min-prob has no effect with --ot-marginal uniform (it sets which classes are present)"]
+    assert warnings_of("--arch", "mask2former", "--ohem", "on", "--ade-reduced") == [
+        "--ohem has no effect with --arch mask2former: L_x is the set loss",
+        "--ade-reduced has no effect with --dataset toy: only ADE20K masks have a zero label to reduce"]
+    assert warnings_of("--m2f-ignore-as-negative") == ["--m2f-ignore-as-negative has no effect with --arch dpt"]
+    assert warnings_of("--arch", "mask2former", "--method", "soft")[0].startswith(
+        "--method soft with --arch mask2former trains as --method pseudo")
+    # the Cityscapes OHEM preset is for DPT: the resolved config no longer says "on" where it is not used
+    assert train.resolve_presets(train.parse_args(["--dataset", "cityscapes", "--arch", "mask2former"])).ohem == "off"
+    assert train.resolve_presets(train.parse_args(["--dataset", "cityscapes"])).ohem == "on"
+
+
+def test_run_folders_are_neither_overwritten_nor_resumed_silently(toy_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 7, "loss_x": 1.0}\n')  # an attempt that died before a checkpoint
+    run_main(flags(toy_root, out, "--method", "supervised", "--resume", "auto", iters=1))
+    printed = capsys.readouterr().out
+    assert f"--resume auto: no {out / 'last.pt'} yet, starting at step 0" in printed
+    assert [line["step"] for line in read_metrics(out)[0]] == [1]  # the stale line is gone
+    message = in_process_error(flags(toy_root, out, "--method", "supervised", iters=1))
+    assert message == f"--out {out}: holds a run (last.pt); continue it with --resume auto, or choose another --out"
+    run_main(flags(toy_root, out, "--method", "supervised", "--resume", "auto", "--lr", "1e-4", iters=1))
+    printed = capsys.readouterr().out
+    assert f"train.py: warning: --resume {out / 'last.pt'}: continuing with settings other than the checkpoint's: " \
+           "lr 0.0005 -> 0.0001" in printed
+    assert f"resumed from {out / 'last.pt'} at step 1 of 1: nothing left to train" in printed
