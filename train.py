@@ -498,6 +498,9 @@ def save_confusion(path: Path, confusion: torch.Tensor, classes: tuple[str, ...]
 
 def main(argv=None) -> None:
     args = resolve_presets(parse_args(argv))
+    # weights first: a real-dataset run whose official file is missing stops here, before any work (random init
+    # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
+    weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
 
@@ -538,7 +541,8 @@ def main(argv=None) -> None:
     resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if resume is not None and args.resume != "auto" and not resume.is_file():
         raise ValueError(f"--resume {resume}: checkpoint not found")
-    student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
+    # after the data checks; weights as resolved at the start (None: random init)
+    student = models.build_model(args.arch, args.backbone, K, weights or models.NO_WEIGHTS).to(device)
     B = args.batch_size
     B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
     # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
@@ -559,7 +563,7 @@ def main(argv=None) -> None:
         (out / "panels").mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
         print(f"train.py: {args.method} | {args.dataset} (K={K}) | {args.arch}/{args.backbone} "
-              f"({student.pretrained_file or 'random init'}) | {total} steps of {B_x} real"
+              f"(weights {student.pretrained_file or 'none: random init'}) | {total} steps of {B_x} real"
               f"{f' + {B} synthetic' if use_synthetic else ''} x {world} rank(s) x {args.grad_accum} | crop "
               f"{args.crop_size} | {device} {amp} | run folder {out}")
         print("config: " + json.dumps(vars(args)))
