@@ -316,7 +316,7 @@ def _read_weight_file(path: Path, spec: BackboneSpec) -> dict:
 
 
 def _load_weight_file(vit: nn.Module, spec: BackboneSpec, path: Path) -> None:
-    """Load Meta's file (or a timm-named state dict of the same backbone) into vit: every key and shape must fit."""
+    """Load Meta's file (or a state dict saved from this code's backbone) into vit: every key and shape must fit."""
     state = _read_weight_file(path, spec)
     weights, problems = _to_timm_state(state, vit)
     if problems:
@@ -335,7 +335,8 @@ def load_pretrained(backbone: str, path: str | Path, *, rope_rescale: float | No
         backbone: a name in BACKBONES.
         path: Meta's file, e.g. pretrained/dinov2_vits14_pretrain.pth (keys cls_token, pos_embed, mask_token,
             blocks.N.ls1.gamma, ...) or dinov3_vits16_pretrain_lvd1689m-08c60483.pth (storage_tokens,
-            rope_embed.periods, blocks.N.attn.qkv.bias_mask, ...). timm-named state dicts load too. Every tensor
+            rope_embed.periods, blocks.N.attn.qkv.bias_mask, ...), or a state dict saved from this code's backbone (the
+            toy's file; DINOv3 ones hold rope.periods, which timm's own state dicts lack). Every tensor
             must have exactly the backbone's shape (DINOv2's position embeddings: the file's own 37×37 grid, resized
             at run time by Meta's rule); anything else is a one-line ValueError naming the key, both shapes and what
             the file probably is. Nothing is resampled. DINOv3's stored RoPE periods are loaded as they are.
