@@ -11,6 +11,11 @@ a model from the name stored in a checkpoint.
 
 Official weights are Meta's own files, read from a local path (nothing is ever downloaded):
 `pretrained/dinov2_vit{s,b,l,g}14_pretrain.pth`, `pretrained/dinov3_vit{s,b,l}16_pretrain_lvd1689m-*.pth`.
+Every tensor of a file must have exactly the backbone's shape (nothing is resampled; otherwise a one-line error
+says which key and what the file probably is). Without the official file this script builds a random-init model
+and says so; train.py refuses a real-dataset run without it (`--pretrained none`: random init on purpose).
+DINOv3 runs as Meta's code does: the RoPE periods stored in the file, and in train mode a RoPE coordinate rescale
+drawn for every block (ROPE_RESCALE).
 
 Shapes: B batch, K classes, H×W image pixels, h×w patch grid (H/p × W/p, p = patch size),
 D backbone width, F fusion width, O_i reassemble width of level i, Q queries.
@@ -89,6 +94,24 @@ BACKBONES: dict[str, BackboneSpec] = {
 # ----------------------------------------------------------------------------------------------------
 # Backbones and official weights
 
+# Meta's DINOv3 training (and the reference SENSE code, github.com/zhang0jhon/SENSE) builds the backbone with
+# pos_embed_rope_rescale_coords=2: in train mode the RoPE coordinates are multiplied by one factor drawn log-uniformly
+# in [1/2, 2], anew for every block on every forward; eval mode never rescales (github.com/facebookresearch/dinov3,
+# RopePositionEmbedding). build_model(..., rope_rescale=None) turns it off.
+ROPE_RESCALE = 2.0
+# Where Meta publishes the official files, by family (the first word of the file name).
+META_WEIGHTS_PAGES = {"dinov2": "https://github.com/facebookresearch/dinov2",
+                      "dinov3": "https://github.com/facebookresearch/dinov3"}
+# Meta's key names -> timm's, the conversions timm 1.0.31's checkpoint filters apply (vision_transformer.py
+# _convert_dinov2, eva.py checkpoint_filter_fn); all other keys are named alike. Meta's DINOv2-g has a SwiGLU MLP
+# (w12, w3). DINOv3's RoPE periods, which timm drops, keep their role under timm's module name.
+DINOV2_KEY_RENAMES = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))
+DINOV3_KEY_RENAMES = (("storage_tokens", "reg_token"), ("ls1.gamma", "gamma_1"), ("ls2.gamma", "gamma_2"),
+                      ("rope_embed.periods", "rope.periods"))
+# Model size by ViT width, to say what a file that does not fit probably is.
+VIT_SIZES = {192: "ViT-T", 384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H", 1536: "ViT-g", 4096: "ViT-7B"}
+
+
 def _meta_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Add class token and position embeddings to patch tokens (B, h, w, D) -> (B, 1 + h*w, D), Meta's resize.
 
@@ -110,27 +133,214 @@ def _meta_pos_embed(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.pos_drop(x + torch.cat([pos_cls, pos_grid], dim=1))
 
 
-def _create_vit(spec: BackboneSpec, path: Path | None, **timm_overrides) -> nn.Module:
-    """timm ViT for spec (feature extractor, any input size); weights from path, strictly, when given."""
+def _rope_per_block_intermediates(self: nn.Module, x: torch.Tensor, indices: list[int], norm: bool = False,
+                                  output_fmt: str = "NCHW", intermediates_only: bool = False):
+    """timm's Eva.forward_intermediates with Meta's RoPE schedule: the embedding is made for every block.
+
+    Replaces forward_intermediates of the DINOv3 backbones (what DPT and Mask2Former call). Meta's ViT calls its RoPE
+    module once per block, so in train mode every block sees its own coordinate rescale; timm makes one embedding per
+    forward. In eval mode all blocks share one embedding and this is timm's forward exactly.
+    R below is the number of register tokens (4 for DINOv3), d the head width.
+    """
+    B = x.shape[0]
+    x = self.patch_embed(x)  # (B, h, w, D)
+    h, w = x.shape[1:3]
+    x, rope = self._pos_embed(x)  # (B, 1 + R + h*w, D): class, registers, patches; rope (h*w, 2d), block 0's
+    x = self.norm_pre(x)
+    taps = []
+    for i, block in enumerate(self.blocks):
+        if i > 0 and self.rope.training:
+            rope = self.rope.get_embed(shape=(h, w))  # (h*w, 2d), coordinates rescaled by a fresh factor
+        x = block(x, rope=rope)
+        if i in indices:
+            taps.append(self.norm(x) if norm else x)
+    taps = [t[:, self.num_prefix_tokens:] for t in taps]  # (B, h*w, D): class and register tokens dropped
+    if output_fmt == "NCHW":
+        taps = [t.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for t in taps]  # (B, D, h, w)
+    return taps if intermediates_only else (self.norm(x), taps)
+
+
+def _create_vit(spec: BackboneSpec, path: Path | None = None, *, rope_rescale: float | None = ROPE_RESCALE,
+                **timm_overrides) -> nn.Module:
+    """timm ViT for spec (feature extractor, any input size); Meta's weight file at path, strictly, when given."""
     kwargs = dict(spec.timm_kwargs, num_classes=0, dynamic_img_size=True, **timm_overrides)
-    if path is not None:
-        # A file in pretrained_cfg takes precedence over every remote source in timm, so this never downloads;
-        # timm's checkpoint filter converts Meta's key names (and drops mask_token) before a strict load.
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    rope = not spec.meta_pos_embed  # DINOv3: rotary position embeddings, no absolute ones
+    if rope and rope_rescale is not None:
+        kwargs["rope_rescale_coords"] = rope_rescale  # timm's draw: log-uniform in [1/R, R], one factor for h and w
     vit = timm.create_model(spec.timm_name, **kwargs)
     if spec.meta_pos_embed:
         # The only difference from timm's forward: position embeddings at sizes other than the stored grid.
         vit._pos_embed = types.MethodType(_meta_pos_embed, vit)
+    if rope:
+        # Meta's code uses the periods stored in its files (rounded to bf16 by its training); timm recomputes them
+        # in float32 and leaves them out of the state dict. Made persistent, they load from Meta's file (strictly,
+        # like every tensor) and travel with train.py's checkpoints, so evaluation runs the periods training saw.
+        vit.rope.register_buffer("periods", vit.rope.periods, persistent=True)
+        if rope_rescale is not None:
+            vit.forward_intermediates = types.MethodType(_rope_per_block_intermediates, vit)
+    if path is not None:
+        _load_weight_file(vit, spec, path)
     return vit
 
 
-def load_pretrained(backbone: str, path: str | Path, **timm_overrides) -> nn.Module:
+def _rename(key: str, renames: tuple, *, back: bool = False) -> str:
+    """A key of Meta's file in timm's naming (back=True: the other way)."""
+    for meta_name, timm_name in renames:
+        old, new = (timm_name, meta_name) if back else (meta_name, timm_name)
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
+def _mask_parts(mask: torch.Tensor) -> str:
+    """A qkv bias mask (3D,) as 'q 1 / k 0 / v 1' (values of each third; 'mixed' when not constant)."""
+    words = []
+    for name, part in zip("qkv", mask.float().chunk(3)):
+        values = part.unique().tolist()
+        words.append(f"{name} {values[0]:g}" if len(values) == 1 else f"{name} mixed")
+    return " / ".join(words)
+
+
+def _to_timm_state(state: dict, vit: nn.Module) -> tuple[dict, list[str]]:
+    """Meta's state dict in timm's naming, every key and shape checked against vit; also the problems, one line each.
+
+    Nothing is resampled: a tensor either has exactly the backbone's shape or is a problem. mask_token (a pretraining
+    token) is checked and dropped; DINOv3's qkv bias is split into q and v biases after its mask is checked.
+    """
+    expected = {key: tuple(value.shape) for key, value in vit.state_dict().items()}
+    D = vit.embed_dim
+    rope = getattr(vit, "rope", None) is not None
+    renames = DINOV3_KEY_RENAMES if rope else DINOV2_KEY_RENAMES
+    weights, seen, shapes, masks, unexpected = {}, set(), [], [], []  # seen: backbone keys the file has
+    for key, tensor in state.items():
+        found = tuple(tensor.shape)
+        if key == "mask_token":  # masked-image-modelling token of DINOv2/v3 pretraining, unused here
+            if found != (1, D):
+                shapes.append(f"key {key} has shape {found}, expected {(1, D)}")
+            continue
+        if rope and key.endswith(".attn.qkv.bias_mask"):
+            # Meta's LinearKMaskedBias multiplies the qkv bias by this mask; timm's qkvb model assumes q 1 / k 0 / v 1
+            # (it has no k bias at all), so a file with another mask would run differently here.
+            if found != (3 * D,):
+                shapes.append(f"key {key} has shape {found}, expected {(3 * D,)}")
+            elif _mask_parts(tensor) != "q 1 / k 0 / v 1":
+                masks.append(f"key {key} is {_mask_parts(tensor)}, expected Meta's q 1 / k 0 / v 1 "
+                             f"(the only bias mask this backbone applies)")
+            continue
+        if rope and key.endswith(".attn.qkv.bias"):
+            q_key, v_key = key.replace("qkv.bias", "q_bias"), key.replace("qkv.bias", "v_bias")
+            if q_key not in expected:
+                unexpected.append(f"key {key} has shape {found}, expected no such key")
+                continue
+            seen.update((q_key, v_key))
+            if found != (3 * expected[q_key][0],):
+                shapes.append(f"key {key} has shape {found}, expected {(3 * expected[q_key][0],)}")
+            else:
+                # the k third is multiplied by the mask's 0 in Meta's code: unused, as in timm's model
+                weights[q_key], _, weights[v_key] = tensor.chunk(3)
+            continue
+        name = _rename(key, renames)
+        if name not in expected:
+            unexpected.append(f"key {key} has shape {found}, expected no such key")
+            continue
+        seen.add(name)
+        if found != expected[name]:
+            shapes.append(f"key {key} has shape {found}, expected {expected[name]}")
+        else:
+            weights[name] = tensor
+    missing = []
+    for name, shape in expected.items():
+        if name in seen:
+            continue
+        if rope and name.endswith((".attn.q_bias", ".attn.v_bias")):  # both come from the file's qkv.bias
+            line = f"key {name.rsplit('.', 1)[0]}.qkv.bias is missing, expected shape {(3 * shape[0],)}"
+        else:
+            line = f"key {_rename(name, renames, back=True)} is missing, expected shape {shape}"
+        if line not in missing:
+            missing.append(line)
+    broken = [f"key {name} has non-finite values (NaN or inf)" for name, tensor in weights.items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    return weights, shapes + masks + unexpected + missing + broken
+
+
+def _guess_file(state: dict, vit: nn.Module, spec: BackboneSpec, missing: int) -> str:
+    """What a weight file that does not fit the backbone probably is, from its keys and widths (missing: the number
+    of backbone tensors it lacks)."""
+    D, p, depth = vit.embed_dim, spec.patch_size, len(vit.blocks)
+    rope = getattr(vit, "rope", None) is not None
+    if "register_tokens" in state:
+        return "a DINOv2 register-token variant (Meta's *_reg4_pretrain.pth), not the file without registers"
+    if rope and "pos_embed" in state:
+        return "a DINOv2 file (absolute position embeddings), not DINOv3"
+    if not rope and ("storage_tokens" in state or "rope_embed.periods" in state):
+        return "a DINOv3 file (RoPE, storage tokens), not DINOv2"
+    if rope and any(key.endswith(".attn.qkv.bias_mask") and tuple(value.shape) == (3 * D,)
+                    and _mask_parts(value) != "q 1 / k 0 / v 1" for key, value in state.items()):
+        return "a DINOv3 variant with other attention biases than Meta's released models"
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.ndim == 4:
+        if kernel.shape[0] != D:
+            size = VIT_SIZES.get(kernel.shape[0], "ViT")
+            return f"a {size} file (width {kernel.shape[0]}; this backbone is {VIT_SIZES.get(D, 'a ViT')} of width {D})"
+        if tuple(kernel.shape[-2:]) != (p, p):
+            return f"a patch-{kernel.shape[-1]} file (this backbone has patch {p}: {p}×{p} kernels)"
+    blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.") and key.split(".")[1].isdigit()}
+    if blocks and max(blocks) + 1 != depth:
+        return f"a {max(blocks) + 1}-block file (this backbone has {depth} blocks)"
+    pos = state.get("pos_embed")
+    if pos is not None and getattr(vit, "pos_embed", None) is not None and pos.shape != vit.pos_embed.shape:
+        grid, ours = math.isqrt(max(pos.shape[1] - 1, 0)), math.isqrt(vit.pos_embed.shape[1] - 1)
+        return (f"a file with position embeddings for a {grid}×{grid} grid ({grid * p} px) instead of the "
+                f"{ours}×{ours} of the official file: resampled, or trained at another size")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and fc1.shape[0] != vit.blocks[0].mlp.fc1.weight.shape[0]:
+        return (f"a ViT with MLP width {fc1.shape[0]} instead of {vit.blocks[0].mlp.fc1.weight.shape[0]}: "
+                f"another architecture or variant")
+    if missing:
+        return f"a partial state dict ({missing} of the backbone's {len(vit.state_dict())} tensors absent)"
+    return "a file of another model"
+
+
+def _read_weight_file(path: Path, spec: BackboneSpec) -> dict:
+    """torch.load a weight file (CPU, tensors only) into a flat {name: tensor} dict, or a one-line error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # zip, pickle or weights-only errors: a cut-off download or not a torch.save file
+        raise ValueError(f"--pretrained: {path} cannot be read by torch.load ({type(error).__name__}): probably a "
+                         f"truncated download or not a weight file (expected Meta's {spec.weights})") from None
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise ValueError(f"--pretrained: {path} holds a {type(state).__name__} that is not a flat state dict of "
+                         f"tensors (expected Meta's {spec.weights})")
+    return state
+
+
+def _load_weight_file(vit: nn.Module, spec: BackboneSpec, path: Path) -> None:
+    """Load Meta's file (or a state dict saved from this code's backbone) into vit: every key and shape must fit."""
+    state = _read_weight_file(path, spec)
+    weights, problems = _to_timm_state(state, vit)
+    if problems:
+        more = f" ({len(problems)} problems in all)" if len(problems) > 1 else ""
+        raise ValueError(f"--pretrained: {path} does not fit this backbone (expected Meta's {spec.weights}): "
+                         f"{problems[0]}{more}; probably "
+                         f"{_guess_file(state, vit, spec, sum(' is missing,' in line for line in problems))}")
+    vit.load_state_dict(weights, strict=True)  # every key and shape was checked: nothing is resampled or dropped
+
+
+def load_pretrained(backbone: str, path: str | Path, *, rope_rescale: float | None = ROPE_RESCALE,
+                    **timm_overrides) -> nn.Module:
     """Build a backbone and load Meta's official weight file into it (strict, local file only).
 
     Args:
-        backbone: a name in BACKBONES (not "toy").
+        backbone: a name in BACKBONES.
         path: Meta's file, e.g. pretrained/dinov2_vits14_pretrain.pth (keys cls_token, pos_embed, mask_token,
-            blocks.N.ls1.gamma, ...). timm-format state dicts load too.
+            blocks.N.ls1.gamma, ...) or dinov3_vits16_pretrain_lvd1689m-08c60483.pth (storage_tokens,
+            rope_embed.periods, blocks.N.attn.qkv.bias_mask, ...), or a state dict saved from this code's backbone (the
+            toy's file; DINOv3 ones hold rope.periods, which timm's own state dicts lack). Every tensor
+            must have exactly the backbone's shape (DINOv2's position embeddings: the file's own 37×37 grid, resized
+            at run time by Meta's rule); anything else is a one-line ValueError naming the key, both shapes and what
+            the file probably is. Nothing is resampled. DINOv3's stored RoPE periods are loaded as they are.
+        rope_rescale: DINOv3's train-time RoPE coordinate rescale R (see ROPE_RESCALE); None = off.
         **timm_overrides: architecture overrides for timm (e.g. depth=1 for a truncated test file).
     Returns:
         The timm ViT with the weights loaded.
@@ -141,14 +351,7 @@ def load_pretrained(backbone: str, path: str | Path, **timm_overrides) -> nn.Mod
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--pretrained: {path} is not a file (expected {spec.weights})")
-    try:
-        return _create_vit(spec, path, **timm_overrides)
-    except RuntimeError as error:  # strict load: missing / unexpected keys or wrong shapes
-        # torch's message is a header line, then one line per kind of mismatch: keep the first of those
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        detail = lines[min(1, len(lines) - 1)][:200]
-        raise ValueError(f"--pretrained: {path} does not match backbone {backbone!r} "
-                         f"(expected Meta's {spec.weights}): {detail}") from None
+    return _create_vit(spec, path, rope_rescale=rope_rescale, **timm_overrides)
 
 
 NO_WEIGHTS = "none"  # --pretrained none: random init, on purpose
@@ -159,32 +362,49 @@ def is_no_weights(pretrained) -> bool:
     return isinstance(pretrained, str) and pretrained.lower() == NO_WEIGHTS
 
 
-def resolve_pretrained(backbone: str, pretrained: str | Path | bool | None = None) -> Path | None:
-    """Which weight file to load: an explicit path, the official file under pretrained/, or none.
+def missing_weights_message(backbone: str) -> str:
+    """One line: the official file of backbone is not under PRETRAINED_DIR, where Meta publishes it, what else to do."""
+    spec = _spec(backbone)
+    page = META_WEIGHTS_PAGES.get(spec.weights.split("_")[0], "its publisher")
+    return (f"{PRETRAINED_DIR / spec.weights} not found: download Meta's {spec.weights} from {page} into "
+            f"{PRETRAINED_DIR}, or pass --pretrained none to start from random init on purpose")
+
+
+def resolve_pretrained(backbone: str, pretrained: str | Path | bool | None = None, *,
+                       required: bool = False) -> Path | None:
+    """Which weight file to load: an explicit path, the official file under pretrained/, or none (random init).
+
+    Reads nothing and makes nothing, so a run can call it before any work.
 
     Args:
         backbone: a name in BACKBONES.
-        pretrained: a path (must exist); None = the official file under PRETRAINED_DIR when it exists, else
-            random init; True = that official file, which must exist; False or "none" = random init.
-            The toy backbone's file is made by pretrain_toy_backbone when it is not there yet (None or True).
+        pretrained: a path (must be a file); None = the official file under PRETRAINED_DIR (when it is absent:
+            random init, or an error when required); True = that official file, which must exist; False or "none"
+            (any case) = random init. The toy backbone's official file is never missing: build_model makes it on
+            first use (pretrain_toy_backbone), so its path is returned either way.
+        required: the official file must be there when pretrained is None (train.py on a real dataset).
     Returns:
         The file to load, or None for random init.
     """
     spec = _spec(backbone)
-    if pretrained is False or is_no_weights(pretrained) or (pretrained is None and spec.weights is None):
+    if pretrained is False or is_no_weights(pretrained):
         return None
     if pretrained is None or pretrained is True:
         if spec.weights is None:
-            raise ValueError(f"--pretrained: backbone {backbone!r} has no official weights (random init only)")
+            if pretrained is True:
+                raise ValueError(f"--pretrained: backbone {backbone!r} has no official weights (random init only)")
+            return None
         path = PRETRAINED_DIR / spec.weights
-        if path.is_file():
+        if path.is_file() or backbone == "toy":
             return path
-        if backbone == "toy":
-            return pretrain_toy_backbone(path)
-        if pretrained is True:
-            raise ValueError(f"--pretrained: {path} not found; download Meta's {spec.weights} there")
+        if required or pretrained is True:
+            raise ValueError(f"--pretrained: {missing_weights_message(backbone)}")
         return None
-    return Path(pretrained)
+    path = Path(pretrained)
+    if not path.is_file():
+        raise ValueError(f"--pretrained: {path} is not a file (expected Meta's {spec.weights}, "
+                         f"or '{NO_WEIGHTS}' for random init)")
+    return path
 
 
 def _spec(backbone: str) -> BackboneSpec:
@@ -304,14 +524,18 @@ class DPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # Building and inference, any arch
 
-def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Path | bool | None = None) -> nn.Module:
+def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Path | bool | None = None, *,
+                rope_rescale: float | None = ROPE_RESCALE) -> nn.Module:
     """Build a segmentation model by registry name.
 
     Args:
         arch: "dpt" or "mask2former".
         backbone: a name in BACKBONES.
         num_classes: K.
-        pretrained: backbone weights, see resolve_pretrained (None: official file under pretrained/ if present).
+        pretrained: backbone weights, see resolve_pretrained (None: official file under pretrained/ if present;
+            "none": random init). The toy backbone's official file is made here on first use.
+        rope_rescale: DINOv3 backbones only: in train mode, RoPE coordinates are rescaled by a log-uniform factor in
+            [1/R, R] drawn for every block on every forward, as in Meta's training (default R = 2); None = off.
     Returns:
         The model, with attributes arch, patch_size, num_classes, backbone (the ViT; all other parameters are
         the head) and pretrained_file (the loaded weight file as a string, or None for random init).
@@ -320,7 +544,12 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
         raise ValueError(f"--arch: unknown arch {arch!r}, expected one of {', '.join(ARCHS)}")
     spec = _spec(backbone)
     path = resolve_pretrained(backbone, pretrained)
-    vit = _create_vit(spec, None) if path is None else load_pretrained(backbone, path)
+    if path is not None and not path.is_file():  # only the toy's official file can be absent here
+        pretrain_toy_backbone(path)
+    if path is None:
+        vit = _create_vit(spec, rope_rescale=rope_rescale)
+    else:
+        vit = load_pretrained(backbone, path, rope_rescale=rope_rescale)
     if arch == "dpt":
         model = DPT(vit, spec, num_classes)
     else:
@@ -360,7 +589,7 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"
     spec = BACKBONES["toy"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vit = _create_vit(spec, None)
+        vit = _create_vit(spec)
         probe = nn.Linear(vit.embed_dim, len(data.PRETRAIN_CLASSES))
     net = nn.ModuleDict(dict(vit=vit, probe=probe)).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=TOY_PRETRAIN["weight_decay"])
@@ -491,18 +720,25 @@ def main() -> None:
     parser.add_argument("--backbone", default="toy", choices=list(BACKBONES), help="backbone size (default: toy)")
     parser.add_argument("--num-classes", type=int, default=19, help="K (default: 19, Cityscapes)")
     parser.add_argument("--pretrained", default=None,
-                        help="Meta's weight file (default: pretrained/<official name> if present)")
+                        help="Meta's weight file, or 'none' for random init (default: pretrained/<official name>; "
+                             "random init, said so, when it is not there)")
     parser.add_argument("--size", type=int, default=None,
                         help="forward size, a multiple of the patch (default: 96 toy, 518 else)")
     args = parser.parse_args()
     try:
-        model = build_model(args.arch, args.backbone, args.num_classes, args.pretrained).eval()
+        weights = resolve_pretrained(args.backbone, args.pretrained)
+        model = build_model(args.arch, args.backbone, args.num_classes, weights or NO_WEIGHTS).eval()
     except ValueError as error:
         raise SystemExit(str(error)) from None
+    if weights is not None:
+        source = str(weights)
+    elif is_no_weights(args.pretrained):
+        source = "none, random init (--pretrained none)"
+    else:  # this script only looks at a model; train.py refuses a real-dataset run without the file
+        source = f"random init ({missing_weights_message(args.backbone)})"
     n_backbone, n_total = count_parameters(model.backbone), count_parameters(model)
     print(f"{args.arch} / {args.backbone}, K={args.num_classes}: {n_total / 1e6:.2f} M parameters "
-          f"({n_backbone / 1e6:.2f} M backbone + {(n_total - n_backbone) / 1e6:.2f} M head), "
-          f"weights: {model.pretrained_file or 'random init'}")
+          f"({n_backbone / 1e6:.2f} M backbone + {(n_total - n_backbone) / 1e6:.2f} M head), weights: {source}")
     size = args.size or (96 if args.backbone == "toy" else 518)
     images = torch.randn(1, 3, size, size)
     with torch.no_grad():

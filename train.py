@@ -661,6 +661,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     given = given_flags(args)
     args = resolve_presets(args)
+    # weights first: a real-dataset run whose official file is missing stops here, before any work (random init
+    # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
+    weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
     flag_warnings = check_flags(args, given)
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
@@ -705,7 +708,8 @@ def main(argv=None) -> None:
     if resume is None and (Path(args.out) / "last.pt").is_file():  # it would be overwritten, its log mixed in
         raise ValueError(f"--out {args.out}: holds a run (last.pt); continue it with --resume auto, or choose "
                          f"another --out")
-    student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)  # after the data checks
+    # after the data checks; weights as resolved at the start (None: random init)
+    student = models.build_model(args.arch, args.backbone, K, weights or models.NO_WEIGHTS).to(device)
     B = args.batch_size
     B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
     # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
@@ -728,7 +732,7 @@ def main(argv=None) -> None:
         (out / "panels").mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
         print(f"train.py: {args.method} | {args.dataset} (K={K}) | {args.arch}/{args.backbone} "
-              f"({student.pretrained_file or 'random init'}) | {total} steps of {B_x} real"
+              f"(weights {student.pretrained_file or 'none: random init'}) | {total} steps of {B_x} real"
               f"{f' + {B} synthetic' if use_synthetic else ''} x {world} rank(s) x {args.grad_accum} | crop "
               f"{args.crop_size} | {device} {amp} | run folder {out}")
         print("config: " + json.dumps(vars(args)))
