@@ -661,10 +661,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     given = given_flags(args)
     args = resolve_presets(args)
-    # weights first: a real-dataset run whose official file is missing stops here, before any work (random init
+    flag_warnings = check_flags(args, given)
+    # weights next: a real-dataset run whose official file is missing stops here, before any work (random init
     # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
     weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
-    flag_warnings = check_flags(args, given)
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
 
