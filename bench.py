@@ -372,11 +372,12 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     args = train.resolve_presets(train.parse_args(["--dataset", "cityscapes", "--arch", arch, "--backbone", backbone,
                                                    "--pretrained", "none", "--crop-size", str(crop),
                                                    "--batch-size", str(batch)]))
-    K = data.get_spec("cityscapes").num_classes
+    K = args.num_classes = data.get_spec("cityscapes").num_classes
     torch.manual_seed(0)
     student = models.build_model(arch, backbone, K, "none").to(device).train()
     teacher = deepcopy(student).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(train.param_groups(student, args.lr, args.head_lr_mult, args.weight_decay),
+                                  lr=args.lr, weight_decay=args.weight_decay)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     g = torch.Generator().manual_seed(0)
     image_x, image_w, image_s = (torch.randn(batch, 3, crop, crop, generator=g).to(device) for _ in range(3))
@@ -390,20 +391,14 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
         with timer("teacher"), autocast():
             scores, query_conf = train.teacher_predict(teacher, image_w, args.tta)  # (B, K, c, c)
         mixed, scores = train.cutmix(image_s, box), train.cutmix(scores, box)
-        with timer("ot"):
+        with timer("ot"):  # stage 4 and the per-architecture labels
             targets, gate, _ = train.pseudo_targets(scores, valid, args, args.ot_marginal)
-        with timer("student"):
+            label_u, gate = train.synthetic_labels(targets, gate, ~valid, query_conf, args)
+        with timer("student"):  # stages 5-9
             with autocast():
                 pred_x, pred_u = train.split_outputs(student(torch.cat([image_x, mixed])), batch)
-            if arch == "dpt":
-                loss_x, _ = train.ohem_cross_entropy(pred_x, label_x, train.OHEM_THRESH, train.OHEM_MIN_KEPT)
-                loss_u = train.soft_cross_entropy(pred_u, targets, gate)
-            else:
-                loss_x = models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, K))["loss"]
-                conf_u, label_u = targets.max(1)
-                label_u[conf_u < args.conf_thresh] = data.IGNORE_INDEX
-                loss_u = models.mask2former_loss(pred_u, models.semantic_to_targets(label_u, K),
-                                                 **train.M2F_SYNTHETIC)["loss"]
+            loss_x = train.supervised_loss(pred_x, label_x, args, device)
+            loss_u = train.synthetic_loss(pred_u, targets, label_u, gate, args, device)
             ((loss_x + loss_u) / 2).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

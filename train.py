@@ -1,7 +1,7 @@
 """SENSE training: real labelled images + synthetic images with OT pseudo-labels from an EMA teacher.
 
 Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segmenters", "loss & training";
-README "Training and evaluation" (one iteration, step by step) and "Mask2Former" (its branch).
+README "Method" (one iteration, step by step) and docs/models.md "Mask2Former" (its branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
     python train.py --method supervised                      # real images only (B per step; --real-batch 16: 2B)
@@ -13,10 +13,11 @@ README "Training and evaluation" (one iteration, step by step) and "Mask2Former"
     torchrun --nproc_per_node 8 train.py --dataset ade20k --arch mask2former --synthetic S.txt
     python train.py --out runs/my_run --resume auto          # continue a killed run
 
-One step (B real + B synthetic images):
-  1. batches  2. teacher (EMA, TTA) on the weak synthetic views  3. CutMix of strong views and teacher outputs
-  4. student on [x; u_s]  5. L_x (CE / OHEM / set loss), L_u (OT soft CE / query loss on OT labels)
-  6. L = (L_x + L_u) / 2, AdamW step, poly lr  7. EMA update  8. log, panels, eval, checkpoint
+One step (B real + B synthetic images), numbered as in sense_step and main (the method first, the machinery below it):
+  1. batches  2. the EMA teacher (TTA) on the weak synthetic views  3. CutMix of strong views and teacher outputs
+  4. OT: soft pseudo-labels and the γ gate (ot.py)  5. the student on [x; u_s]  6. L_x (CE / OHEM / set loss),
+  L_u (soft CE on the OT targets / query loss on hard OT labels), L = (L_x + L_u) / 2  7. backward
+  8. AdamW step, poly lr  9. EMA update; then log, panels, evaluation, checkpoint (machinery)
 Faults: a step whose L_x or L_u is not finite is skipped whole (no parameter, optimizer or EMA change; `skipped` in
 the log) and 10 in a row stop the run with last.pt at the last good step; a sample that cannot be decoded stops the
 run with one line naming the file, after saving last.pt at the last finished step (--resume auto continues).
@@ -31,6 +32,7 @@ import signal
 import sys
 import time
 from copy import deepcopy
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -242,8 +244,711 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data order: deterministic from (seed, step), so a resumed run sees exactly the data it would have seen
+# ====================================================================================================================
+# ALGO LOGIC: the method, in the order of one step (paper: "Method"; README "Method"). The stages are numbered in
+# sense_step and main as in the step list of the module docstring.
+# ====================================================================================================================
+
+
+def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    """Poly schedule: base · (1 − step/total)^power, per iteration, no warm-up."""
+    return base * (1 - step / total) ** power
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float) -> None:
+    """EMA over parameters and floating buffers with λ = min(1 − 1/(step+1), decay)."""
+    lam = min(1 - 1 / (step + 1), decay)
+    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
+        if t.is_floating_point():
+            t.mul_(lam).add_(s.detach(), alpha=1 - lam)
+        else:
+            t.copy_(s)
+
+
+def cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Inside sample b's box, take sample B−1−b (step 3 of the loop).
+
+    Args:
+        x: (B, ...) with the last two dims H, W (images, scores, masks, labels).
+        box: (B, H, W) bool.
+    Returns:
+        Tensor like x.
+    """
+    mask = box.view(box.shape[0], *([1] * (x.dim() - 3)), *box.shape[1:])  # broadcast over channel dims
+    return torch.where(mask, x.flip(0), x)
+
+
+def _teacher_view(teacher: nn.Module, images: torch.Tensor, size: tuple[int, int], flip: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One teacher pass: class scores (B, K, *size) in the frame of `images`, and Mask2Former's class logits
+    (B, Q, K+1) (None for DPT). flip: the pass sees the mirrored images, its scores are mirrored back."""
+    out = teacher(images.flip(-1) if flip else images)
+    if teacher.arch == "dpt":
+        scores, logits = (out if tuple(out.shape[-2:]) == tuple(size) else models.resize(out, size, "dpt")), None
+    else:
+        # summed over the queries at stride p/4, then upsampled straight to `size` (one resize per view)
+        scores, logits = models.mask2former_scores(out, size), out["pred_logits"]
+    return (scores.flip(-1) if flip else scores), logits
+
+
+@torch.no_grad()
+def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
+
+    TTA views (reference code): flip, and for "scales" also the image resized to crop + round(0.25 crop / p) p
+    (halves up), with and without flip; every view's scores are resized straight to the crop (models.resize:
+    align_corners True for DPT, False for Mask2Former) and averaged. For Mask2Former the class logits
+    (B, Q, K+1) are averaged over the same views, query by query, and the image gate reads them.
+
+    Returns:
+        scores (B, K, H, W) float32 (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over
+        queries of the max class probability (no-object included) (B,) of the (view-averaged) class logits,
+        else None.
+    """
+    patch, arch, size = teacher.patch_size, teacher.arch, tuple(images.shape[-2:])
+    scores, logits = _teacher_view(teacher, images, size, flip=False)  # plain pass on the whole batch
+    half = images.shape[0] // 2 if tta != "none" else 0
+    if half:
+        x = images[:half]
+        views = [(scores[:half], None if logits is None else logits[:half]),  # the plain pass, reused
+                 _teacher_view(teacher, x, size, flip=True)]
+        if tta == "scales":
+            big = [s + math.floor(0.25 * s / patch + 0.5) * patch for s in size]  # crop + round(0.25 crop / p) p
+            x_big = models.resize(x, big, arch)  # (B/2, 3, *big)
+            views += [_teacher_view(teacher, x_big, size, flip) for flip in (False, True)]
+        scores = torch.cat([torch.stack([s.float() for s, _ in views]).mean(0), scores[half:].float()])
+        if logits is not None:
+            logits = torch.cat([torch.stack([c.float() for _, c in views]).mean(0), logits[half:].float()])
+    query_conf = None if logits is None else logits.float().softmax(-1).amax(-1).mean(1)  # (B,)
+    return scores.float(), query_conf
+
+
+def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
+    """The teacher's per-pixel class probabilities without OT (--method pseudo), (B, K, H, W) -> (B, K, H, W).
+
+    DPT: softmax of its logits. Mask2Former: its scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q) are class
+    probabilities already; a softmax over values in [0, 1] would put every pixel far below the gate δ.
+    """
+    return scores.softmax(1) if arch == "dpt" else scores
+
+
+def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Namespace,
+                   class_marginal: str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The synthetic branch's targets and γ gate, by method (paper: "OT assignment"; the others are ablations).
+
+    sense: OT plan rows (ot.ot_pseudo_labels), gate on the teacher (paper) or on the plan (--ot-gate plan);
+    soft: the teacher's probabilities; pseudo: one-hot of the teacher's argmax (DPT; Mask2Former takes the hard
+    label of its scores in any case). soft and pseudo gate on the teacher's maximum probability.
+
+    Args:
+        scores: (B, K, H, W) teacher scores (DPT logits / Mask2Former scores) of the CutMixed batch.
+        valid: (B, H, W) bool, False on padding.
+        class_marginal: "uniform", "present" or a (K,) tensor (the labelled set's frequencies).
+    Returns:
+        targets (B, K, H, W) float32 (rows sum to 1 on valid pixels), gate (B, H, W) bool, log values.
+    """
+    if args.method == "sense":
+        targets, gate, stats = ot_pseudo_labels(scores, valid, conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
+                                                beta=args.ot_beta, iters=args.ot_iters, class_marginal=class_marginal,
+                                                min_prob=args.ot_min_prob, scope=args.ot_scope)
+        return targets, gate, {"ot_err": stats["marginal_error"]}
+    targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
+    gate = (targets.amax(1) >= args.conf_thresh) & valid
+    if args.method == "pseudo" and args.arch == "dpt":
+        targets = F.one_hot(targets.argmax(1), targets.shape[1]).movedim(-1, 1).to(targets.dtype)
+    return targets, gate, {}
+
+
+def mask2former_labels(targets: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor,
+                       conf_thresh: float) -> torch.Tensor:
+    """Hard synthetic labels of the Mask2Former branch (paper: "pixel- and query-based segmenters").
+
+    A pixel keeps the argmax of its target where the target's confidence is >= δ; an image whose teacher is
+    unsure (query_conf < δ) is dropped whole. As in the reference code, image b's gate covers the whole
+    CutMixed image b, the box pasted from image B−1−b included.
+
+    Args:
+        targets: (B, K, H, W) OT plan rows (or teacher probabilities) of the CutMixed batch.
+        ignore: (B, H, W) bool, True on padding (CutMixed).
+        query_conf: (B,) per-image confidence from teacher_predict (not CutMixed).
+        conf_thresh: δ.
+    Returns:
+        (B, H, W) int64 labels, 255 = not trained on.
+    """
+    conf, label = targets.max(1)  # (B, H, W) ×2
+    unsure = (query_conf < conf_thresh)[:, None, None]  # (B, 1, 1)
+    label[(conf < conf_thresh) | ignore | unsure] = data.IGNORE_INDEX
+    return label
+
+
+def synthetic_labels(targets: torch.Tensor, gate: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor | None,
+                     args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label each synthetic pixel is trained on, per architecture (paper: "pixel- and query-based segmenters").
+
+    DPT: the targets' argmax on the gated pixels (the loss itself uses the soft targets). Mask2Former: hard labels
+    where the targets' confidence is >= δ, unsure images dropped whole (mask2former_labels).
+
+    Args:
+        targets: (B, K, H, W) from pseudo_targets. gate: (B, H, W) bool, its γ gate.
+        ignore: (B, H, W) bool, True on padding. query_conf: (B,) Mask2Former image confidence, or None.
+    Returns:
+        label (B, H, W) int64 with 255 where nothing is trained on, and the gate of the pixels trained on.
+    """
+    if args.arch == "dpt":
+        return torch.where(gate, targets.argmax(1), data.IGNORE_INDEX), gate
+    label = mask2former_labels(targets, ignore, query_conf, args.conf_thresh)
+    return label, label != data.IGNORE_INDEX
+
+
+def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float, min_kept: int) -> tuple[torch.Tensor, int]:
+    """Online hard example mining CE: pixels whose true-class probability is <= max(thresh, the min_kept-th
+    smallest such probability) (UniMatch's ProbOhemCrossEntropy2d).
+
+    Args:
+        logits: (B, K, H, W). label: (B, H, W) long, 255 = ignore.
+    Returns:
+        (mean CE over kept pixels, number of kept pixels).
+    """
+    valid = label != data.IGNORE_INDEX
+    ce = F.cross_entropy(logits.float(), label, ignore_index=data.IGNORE_INDEX, reduction="none")  # (B, H, W)
+    with torch.no_grad():
+        prob = torch.exp(-ce)  # (B, H, W) probability of the true class
+        if min_kept <= 0 or min_kept > int(valid.sum()):
+            keep = valid  # too few pixels to mine from (or mining off): every valid pixel counts
+        else:
+            threshold = max(thresh, float(prob[valid].kthvalue(min_kept).values))
+            keep = valid & (prob <= threshold)
+    n = int(keep.sum())
+    return (ce * keep).sum() / max(n, 1), n
+
+
+def ddp_mean(mean: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
+    """Turn a rank-local mean over `count` pixels into this rank's share of the mean over all ranks' pixels, so that
+    DDP's gradient averaging gives the gradient of the global mean (equal to one process with the whole batch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return mean
+    total = torch.tensor(float(count), device=device)
+    dist.all_reduce(total)
+    return mean * count * dist.get_world_size() / total.clamp_min(1)
+
+
+def split_outputs(out, n: int):
+    """Split a student output (tensor or Mask2Former dict) along the batch into the first n and the rest."""
+    if torch.is_tensor(out):
+        return out[:n], out[n:]
+    first = {k: v[:n] for k, v in out.items() if k != "aux_outputs"}
+    rest = {k: v[n:] for k, v in out.items() if k != "aux_outputs"}
+    first["aux_outputs"] = [split_outputs(aux, n)[0] for aux in out.get("aux_outputs", [])]
+    rest["aux_outputs"] = [split_outputs(aux, n)[1] for aux in out.get("aux_outputs", [])]
+    return first, rest
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: the backbone's trainable parameters at lr; the rest at lr · head_lr_mult, those
+    named in NO_WEIGHT_DECAY (Mask2Former) without weight decay. Empty groups are left out; "base" keeps each
+    group's lr before the poly schedule."""
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    head, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) not in backbone_ids:
+            (no_decay if any(key in name for key in NO_WEIGHT_DECAY) else head).append(p)
+    head_lr = lr * head_lr_mult
+    groups = [dict(params=[p for p in model.backbone.parameters() if p.requires_grad], lr=lr, base=lr,
+                   weight_decay=weight_decay),
+              dict(params=head, lr=head_lr, base=head_lr, weight_decay=weight_decay),
+              dict(params=no_decay, lr=head_lr, base=head_lr, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def supervised_loss(pred_x, label_x: torch.Tensor, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """L_x on the real crops: cross-entropy (OHEM for Cityscapes) for DPT, the Mask2Former set loss.
+
+    Args:
+        pred_x: (B_x, K, H, W) DPT logits, or the Mask2Former output of the real crops (split_outputs).
+        label_x: (B_x, H, W) int64, 255 = ignore.
+    """
+    if args.arch == "mask2former":
+        return models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, args.num_classes))["loss"]
+    if args.ohem == "on":
+        loss_x, n_x = ohem_cross_entropy(pred_x, label_x, OHEM_THRESH, OHEM_MIN_KEPT)
+    else:
+        n_x = int((label_x != data.IGNORE_INDEX).sum())  # sum / count: a crop of padding only gives 0
+        loss_x = F.cross_entropy(pred_x.float(), label_x, ignore_index=data.IGNORE_INDEX, reduction="sum") / max(n_x, 1)
+    return ddp_mean(loss_x, n_x, device)
+
+
+def synthetic_loss(pred_u, targets: torch.Tensor, label: torch.Tensor, gate: torch.Tensor,
+                   args: argparse.Namespace, device: torch.device) -> torch.Tensor:
+    """L_u on the strong views, per architecture: DPT, soft cross-entropy against the targets on the gated pixels;
+    Mask2Former, the synthetic set loss (M2F_SYNTHETIC) on one target mask per class of the hard labels.
+
+    Args:
+        pred_u: (B, K, H, W) DPT logits, or the Mask2Former output of the strong views.
+        targets: (B, K, H, W) soft targets (DPT). label, gate: (B, H, W) from synthetic_labels.
+    """
+    if args.arch == "dpt":
+        return ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
+    valid = None if args.m2f_ignore_as_negative else list(gate)  # ignored pixels out of the mask loss
+    return models.mask2former_loss(pred_u, models.semantic_to_targets(label, args.num_classes), valid_masks=valid,
+                                   **M2F_SYNTHETIC)["loss"]
+
+
+def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
+    """Stages 1–7 of one training step (paper: "Method"), over --grad-accum micro-batches.
+
+    Returns:
+        The log values (losses, mask_ratio, ot_err, image_ratio), whether every loss was finite, and per micro-batch
+        the synthetic tensors the machinery measures and draws (record, draw_panel), with the student's output for
+        the last one only.
+    """
+    args = run.args
+    logs, finite, views = {}, True, []
+    for _ in range(args.grad_accum):
+        # 1. batches: B_x real crops (x, y); B synthetic crops: weak view, strong view, padding mask, CutMix box
+        image_x, label_x = fetch(run, run.real_iter)  # (B_x, 3, c, c), (B_x, c, c)
+        images = [image_x]  # what the student sees in stage 5
+        if run.use_synthetic:
+            image_w, image_s, ignore_u, box, *truth = fetch(run, run.syn_iter)  # (B, 3, c, c) ×2, (B, c, c) bool ×2
+            box = box & (not args.no_cutmix)  # --no-cutmix: no box; truth: [toy world's true layouts (B, c, c)] or []
+            # 2. the EMA teacher on the weak views, TTA on the first half of the batch
+            with run.autocast():
+                scores_u, query_conf = teacher_predict(run.teacher, image_w, args.tta)  # (B, K, c, c) float32
+            # 3. CutMix: the strong images and everything the teacher says about them, mixed by the same rule
+            image_s, scores_u, ignore_u = cutmix(image_s, box), cutmix(scores_u, box), cutmix(ignore_u, box)
+            truth = [cutmix(t, box) for t in truth]
+            images.append(image_s)
+            if query_conf is not None:  # Mask2Former: share of images the image gate keeps
+                logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
+            # 4. OT: soft pseudo-labels and the γ gate (sense; pseudo and soft take the teacher's own labels)
+            targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, run.class_marginal)  # (B, K, c, c)
+            label_u, gate = synthetic_labels(targets, gate, ignore_u, query_conf, args)  # (B, c, c) ×2
+            logs.update(target_logs, mask_ratio=float(gate.float().mean()))
+        # 5. the student, one forward on [x; u_s]
+        with run.autocast():
+            pred = run.net(torch.cat(images))
+        pred_x, pred_u = split_outputs(pred, len(image_x))
+        # 6. losses: L = (L_x + L_u) / 2 (L = L_x for --method supervised)
+        loss = loss_x = supervised_loss(pred_x, label_x, args, run.device)
+        loss_u = torch.zeros((), device=run.device)
+        if run.use_synthetic:
+            loss_u = synthetic_loss(pred_u, targets, label_u, gate, args, run.device)
+            loss = (loss_x + loss_u) / 2
+        # 7. backward, accumulated (a non-finite loss too: DDP's gradient hooks must run on every rank)
+        run.scaler.scale(loss / args.grad_accum).backward()
+        logs["loss_x"], logs["loss_u"] = loss_x.item(), loss_u.item()
+        finite = finite and math.isfinite(logs["loss_x"]) and math.isfinite(logs["loss_u"])
+        if run.use_synthetic:  # for the machinery: what OT did and what was trained on, per micro-batch
+            views.append(dict(teacher_label=scores_u.argmax(1), target_label=targets.argmax(1), gate=gate,
+                              label=label_u, truth=(truth or [None])[0]))
+    if views:  # the last micro-batch is the one drawn: its weak view, padding and the student's output
+        views[-1].update(weak=cutmix(image_w, box), valid=~ignore_u, student=pred_u, size=image_s.shape[-2:])
+    return logs, finite, views
+
+
+def main(argv=None) -> None:
+    run = prepare(parse_args(argv))  # flags, device, data, models, optimizer, resume, loaders: MACHINERY below
+    args = run.args
+    progress = tqdm(range(run.start, run.total), initial=run.start, total=run.total, disable=not run.is_main,
+                    desc="train", leave=False)
+    for step in progress:
+        run.step, run.rng_step = step, rng_states(run.device)  # a data fault saves the state this step started from
+        run.student.train()
+        for group in run.optimizer.param_groups:  # poly lr, per iteration
+            group["lr"] = poly_lr(group["base"], step, run.total, args.poly_power)
+        logs, finite, views = sense_step(run)  # stages 1–7
+        # A non-finite loss on any rank (bf16 overflow, a bad batch) skips the step: the gradients are dropped, no
+        # parameter, optimizer, scaler or EMA change. The scaler's own check covers fp16 gradients that overflow.
+        skipped = any_rank(not finite, run.device)
+        if skipped:
+            run.optimizer.zero_grad(set_to_none=True)
+        else:
+            # 8. AdamW step (gradient clipping first, on unscaled gradients, when asked)
+            if args.clip_grad > 0:
+                run.scaler.unscale_(run.optimizer)
+                nn.utils.clip_grad_norm_(run.student.parameters(), args.clip_grad)
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+            # 9. the EMA teacher
+            ema_update(run.teacher, run.student, step, args.ema_decay)
+        # ---- MACHINERY (below): log line, pictures, evaluation, checkpoints, stops
+        done = step + 1
+        record(run, done, logs, views, skipped)
+        if run.is_main and views and args.panel_every and (done % args.panel_every == 0 or done == run.total):
+            draw_panel(run, done, logs, views[-1])
+        if done % args.eval_every == 0 or done == run.total:
+            evaluate_teacher(run, done)
+        if not keep_going(run, done, logs, skipped):
+            break
+    progress.close()
+    finish(run)
+
+
+# ====================================================================================================================
+# MACHINERY: everything a long run needs around the method — set-up, resume, data order, checkpoints, faults,
+# logs, pictures. Nothing below changes what a step computes.
+# ====================================================================================================================
+
+
+@dataclass
+class Run:
+    """The state of one training run, shared by the step (sense_step) and the machinery. Made by prepare."""
+
+    args: argparse.Namespace
+    spec: data.DatasetSpec
+    device: torch.device
+    is_main: bool  # rank 0: the one that prints and writes
+    distributed: bool
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    student: nn.Module
+    teacher: nn.Module  # EMA of the student, never trained by gradients
+    net: nn.Module  # the student, wrapped in DDP when distributed
+    optimizer: torch.optim.Optimizer
+    use_synthetic: bool
+    total: int  # steps of the whole run
+    out: Path
+    class_marginal: str | torch.Tensor = "uniform"  # OT's class marginal (a (K,) tensor for --ot-marginal prior)
+    start: int = 0
+    best: float | None = None  # best EMA mIoU so far, and its step
+    best_step: int | None = None
+    result: dict | None = None  # the last evaluation
+    pseudo_confusion: torch.Tensor | None = None  # toy world: (K, K) pixels, rows true class, columns trained label
+    real_iter: object = None
+    syn_iter: object = None
+    val_loader: object = None
+    step: int = 0  # the step running, and the RNG states it started from (what a fault saves)
+    rng_step: dict = field(default_factory=dict)
+    meter: dict = field(default_factory=dict)  # log values since the last log line
+    interval: dict = field(default_factory=lambda: {"steps": 0, "skipped": 0})
+    t_last: float = 0.0
+    skipped_in_row: int = 0  # non-finite losses: the current run of skipped steps,
+    last_good: tuple | None = None  # and (step, RNG states) before it
+    stop: dict = field(default_factory=lambda: {"requested": False})  # SIGTERM
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def prepare(args: argparse.Namespace) -> Run:
+    """Flags, device, datasets, models, optimizer, resume and loaders, in an order that fails early: flags and the
+    weight file first, then the data checks, and only then the model."""
+    given = given_flags(args)
+    args = resolve_presets(args)
+    flag_warnings = check_flags(args, given)
+    # weights next: a real-dataset run whose official file is missing stops here, before any work (random init
+    # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
+    weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
+    spec = data.get_spec(args.dataset)
+    K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
+
+    # seeds -> device -> autocast
+    torch.manual_seed(args.seed)
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    device = models.pick_device(args.device)
+    args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(args.amp, args.amp)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+    # data: a broken dataset fails in seconds, not hours
+    patch = models.BACKBONES[args.backbone].patch_size
+    reduce_zero = False if args.ade_reduced else None
+    use_synthetic = args.method != "supervised"
+    for split in (args.train_split, args.val_split):
+        problems = data.check_dataset(args.dataset, args.data_root, split, quick=True, reduce_zero_label=reduce_zero)
+        if problems:
+            raise data.DataError(f"{problems[0]} ({len(problems)} problem(s); run: python data.py check "
+                                 f"--dataset {args.dataset} --root {args.data_root} --split {split})")
+    real_set = data.LabelledDataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop_size,
+                                    patch_size=patch, reduce_zero_label=reduce_zero)
+    val_set = data.LabelledDataset(args.dataset, args.data_root, args.val_split, train=False, patch_size=patch,
+                                   reduce_zero_label=reduce_zero)
+    if use_synthetic and not Path(args.synthetic).exists():
+        raise data.DataError(f"--synthetic {args.synthetic}: not found (a folder, split file or manifest.jsonl; "
+                             f"make one with generate.py, or use --method supervised)")
+    syn_set = data.SyntheticDataset(args.synthetic, crop_size=args.crop_size, patch_size=patch,
+                                    with_truth=args.dataset == "toy") if use_synthetic else None
+    resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
+    if resume is not None and args.resume != "auto" and not resume.is_file():
+        raise ValueError(f"--resume {resume}: checkpoint not found")
+    if resume is None and (Path(args.out) / "last.pt").is_file():  # it would be overwritten, its log mixed in
+        raise ValueError(f"--out {args.out}: holds a run (last.pt); continue it with --resume auto, or choose "
+                         f"another --out")
+    # the model after the data checks; weights as resolved at the start (None: random init)
+    student = models.build_model(args.arch, args.backbone, K, weights or models.NO_WEIGHTS).to(device)
+
+    # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
+    # sense would (the same budget); only without a synthetic set does it count passes over the real set.
+    B = args.batch_size
+    B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
+    if use_synthetic:
+        epoch_len = len(syn_set)
+    elif Path(args.synthetic).exists():
+        epoch_len = len(data.synthetic_images(args.synthetic))
+    else:
+        epoch_len = len(real_set)
+    steps_per_epoch = max(1, epoch_len // (B * world * args.grad_accum))
+    total = args.iters or args.epochs * steps_per_epoch
+    # Real datasets: the EMA teacher is evaluated after every epoch and the best kept (best.pt), as the reference
+    # code reports its numbers; the toy preset evaluates every 100 steps to stay at minutes.
+    args.eval_every = args.eval_every or (steps_per_epoch if args.dataset != "toy" else max(1, total // 4))
+    args.save_every = args.save_every or args.eval_every
+    args.panel_every = args.eval_every if args.panel_every is None else args.panel_every
+    out = Path(args.out)
+    if rank == 0:
+        (out / "panels").mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
+        print(f"train.py: {args.method} | {args.dataset} (K={K}) | {args.arch}/{args.backbone} "
+              f"(weights {student.pretrained_file or 'none: random init'}) | {total} steps of {B_x} real"
+              f"{f' + {B} synthetic' if use_synthetic else ''} x {world} rank(s) x {args.grad_accum} | crop "
+              f"{args.crop_size} | {device} {amp} | run folder {out}")
+        print("config: " + json.dumps(vars(args)))
+        for warning in flag_warnings:
+            print(f"train.py: warning: {warning}")
+
+    # teacher and optimizer
+    teacher = deepcopy(student).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    if args.lock_backbone:
+        for p in student.backbone.parameters():
+            p.requires_grad_(False)
+    optimizer = torch.optim.AdamW(param_groups(student, args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    run = Run(args=args, spec=spec, device=device, is_main=rank == 0, distributed=distributed, amp_dtype=amp_dtype,
+              scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # a scaler only for fp16
+              student=student, teacher=teacher, net=student, optimizer=optimizer, use_synthetic=use_synthetic,
+              total=total, out=out, pseudo_confusion=torch.zeros(K, K, dtype=torch.int64))
+    restore(run, resume)
+    if distributed:
+        run.net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    signal.signal(signal.SIGTERM, lambda *_: run.stop.update(requested=True))  # finish the step, save, exit cleanly
+    open_loaders(run, real_set, syn_set, val_set, rank, world, B_x, reduce_zero)
+    return run
+
+
+def restore(run: Run, resume: Path | None) -> None:
+    """Continue from a checkpoint (--resume): model, EMA teacher, optimizer, scaler, step, best, RNG states."""
+    args = run.args
+    if resume is None or not resume.is_file():
+        if resume is not None and run.is_main:
+            print(f"--resume auto: no {resume} yet, starting at step 0")
+        return
+    state = torch.load(resume, map_location="cpu", weights_only=True)
+    for key in ("dataset", "arch", "backbone", "method"):
+        if state["args"][key] != getattr(args, key):
+            raise ValueError(f"--resume {resume}: checkpoint has {key}={state['args'][key]!r}, this run "
+                             f"{getattr(args, key)!r}")
+    # other settings may change on purpose (a lower --lr after a divergence, more --iters): said, not refused
+    changed = [f"{key} {state['args'][key]!r} -> {value!r}" for key, value in vars(args).items()
+               if key not in RESUME_MACHINERY and key in state["args"] and state["args"][key] != value]
+    if changed and run.is_main:
+        print(f"train.py: warning: --resume {resume}: continuing with settings other than the checkpoint's: "
+              + ", ".join(changed))
+    run.student.load_state_dict(state["model"])
+    run.teacher.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.start, run.best, run.best_step = state["step"], state["best_miou"], state.get("best_step")
+    run.pseudo_confusion = state.get("pseudo_confusion", run.pseudo_confusion)
+    torch.set_rng_state(state["rng_cpu"])
+    if run.device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    if run.is_main:
+        done_already = f" of {run.total}: nothing left to train" if run.start >= run.total else ""
+        print(f"resumed from {resume} at step {run.start}{done_already}")
+
+
+def open_loaders(run: Run, real_set, syn_set, val_set, rank: int, world: int, B_x: int, reduce_zero) -> None:
+    """One micro-batch per (step, accumulation index), from the resume point on; the log file; the OT marginal."""
+    args = run.args
+    common = dict(start=run.start * args.grad_accum, steps=run.total * args.grad_accum, seed=args.seed, rank=rank,
+                  world=world, workers=args.workers, pin=run.device.type == "cuda")
+    run.real_iter = iter(make_loader(real_set, batch=B_x, **common))
+    if run.use_synthetic:
+        run.syn_iter = iter(make_loader(syn_set, batch=args.batch_size, **{**common, "seed": args.seed + 1}))
+    run.val_loader = torch.utils.data.DataLoader(
+        Caught(torch.utils.data.Subset(val_set, range(rank, len(val_set), world))), batch_size=1,
+        num_workers=args.workers, generator=torch.Generator(), collate_fn=collate)
+    log_file = run.out / "metrics.jsonl"
+    if run.is_main and run.start == 0 and log_file.exists():  # left by an attempt that ended before a checkpoint
+        log_file.unlink()
+        print(f"{log_file}: replaced (an earlier attempt without a checkpoint)")
+    run.class_marginal = args.ot_marginal
+    if args.ot_marginal == "prior":  # the labelled split's class pixel frequencies, a (K,) tensor
+        run.class_marginal = torch.tensor(data.class_frequencies(args.dataset, args.data_root, args.train_split,
+                                                                 args.num_classes, reduce_zero_label=reduce_zero))
+        if run.is_main:
+            print("class marginal (prior): " + " ".join(f"{n} {f:.3f}" for n, f in zip(run.spec.classes,
+                                                                                         run.class_marginal)))
+    run.t_last = time.perf_counter()
+
+
+def checkpoint(run: Run, step: int, rng: dict | None = None, name: str = "last.pt") -> None:
+    """Save <out>/name at `step`, with the RNG states `rng` (default: the current ones); rank 0 only."""
+    if run.is_main:
+        state = {"model": run.student.state_dict(), "ema": run.teacher.state_dict(),
+                 "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
+                 "best_miou": run.best, "best_step": run.best_step, "args": vars(run.args),
+                 "pseudo_confusion": run.pseudo_confusion, **(rng or rng_states(run.device))}
+        save_checkpoint(run.out / name, state)
+
+
+def data_fault(run: Run, error: data.DataError | None, finished: int, rng: dict) -> data.DataError:
+    """A sample that cannot be decoded: save the checkpoint of the last finished step, then the one line to stop
+    with (error None: another rank's sample)."""
+    checkpoint(run, finished, rng)
+    return data.DataError(f"{error or 'another rank met a sample it cannot decode'}; saved {run.out / 'last.pt'} at "
+                          f"step {finished}: fix or remove the file, then continue with --resume auto")
+
+
+def fetch(run: Run, batches) -> list[torch.Tensor]:
+    """The next batch of a training loader, on the device. A fault is saved as the end of the step before the
+    running one (its RNG states at the start, run.rng_step), so --resume auto continues exactly as a run that never
+    met it."""
+    batch = next(batches)
+    failed = isinstance(batch, data.DataError)
+    if any_rank(failed, run.device):  # every rank stops at the same step, or the next collective would hang
+        raise data_fault(run, batch if failed else None, run.step, run.rng_step)
+    return [t.to(run.device, non_blocking=True) for t in batch]
+
+
+def take(run: Run, loader, done: int):
+    """The batches of the validation loader; a sample that cannot be decoded stops the run as in fetch (after step
+    `done`). Ranks are not synchronised here: their shards differ in length, and torchrun stops the rest."""
+    for batch in loader:
+        if isinstance(batch, data.DataError):
+            raise data_fault(run, batch, done, rng_states(run.device))
+        yield batch
+
+
+def record(run: Run, done: int, logs: dict, views: list[dict], skipped: bool) -> None:
+    """What the pseudo-labels were (label_stats; toy world: against the true layouts, and their confusion), then
+    a log line every --log-every steps. A skipped step counts in `skipped` only: its NaN would spoil the means."""
+    for view in views:
+        logs.update(label_stats(view["teacher_label"], view["target_label"], view["gate"], view["truth"]))
+        if view["truth"] is not None and not skipped:  # toy world: which true class each trained pseudo-label had
+            trained = view["gate"] & (view["truth"] != data.IGNORE_INDEX)
+            run.pseudo_confusion += confusion_matrix(view["label"][trained], view["truth"][trained],
+                                                     run.args.num_classes)
+    run.interval["steps"] += 1
+    run.interval["skipped"] += skipped
+    for key, value in ({} if skipped else logs).items():
+        run.meter.setdefault(key, []).append(value)
+    if run.is_main and (done % run.args.log_every == 0 or done == run.total):
+        now = time.perf_counter()
+        line = {"step": done, **{k: sum(v) / len(v) for k, v in run.meter.items()}, "skipped": run.interval["skipped"],
+                "lr": run.optimizer.param_groups[0]["lr"], "s_per_step": (now - run.t_last) / run.interval["steps"]}
+        run.t_last, run.meter, run.interval = now, {}, {"steps": 0, "skipped": 0}
+        tqdm.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def draw_panel(run: Run, done: int, logs: dict, view: dict) -> None:
+    """panels/stepNNNNNNN.png: per synthetic sample the weak view, the true layout (toy world), the teacher's
+    argmax, where OT changed it, the label trained on and the student on the strong view."""
+    args, spec = run.args, run.spec
+    n = min(PANEL_SAMPLES, args.batch_size)
+    student = view["student"] if args.arch == "dpt" else models.mask2former_scores(view["student"], view["size"])
+    palette = lambda label: data.colorize(label[:n].cpu(), spec.palette)  # noqa: E731
+    columns = [("weak view (CutMix)", data.denormalize(view["weak"][:n])),  # what the teacher saw
+               ("teacher argmax", palette(view["teacher_label"])),
+               ("OT changed", changed_map(view["teacher_label"][:n].cpu(), view["target_label"][:n].cpu(),
+                                          view["gate"][:n].cpu(), view["valid"][:n].cpu())),
+               ("trained-on label", palette(view["label"])),
+               ("student (strong)", palette(student.argmax(1).detach()))]
+    caption = f"step {done}: {args.method}, trained pixels {logs['mask_ratio']:.1%}"
+    if view["truth"] is not None:
+        columns.insert(1, ("true layout", palette(view["truth"])))
+        accuracy = {key: f"{logs[key]:.3f}" if key in logs else "-" for key in ("acc_trained", "acc_all", "acc_teacher")}
+        caption += (f"; pseudo-label accuracy: trained pixels {accuracy['acc_trained']}, all pixels "
+                    f"{accuracy['acc_all']} (teacher argmax, all pixels {accuracy['acc_teacher']})")
+    legend = [*zip(spec.classes, spec.palette), ("not trained on", (0, 0, 0))] if len(spec.classes) <= 40 else []
+    legend += [(f"OT: {name}", colour) for name, colour in CHANGED_COLOURS.items()]
+    save_panel(run.out / "panels" / f"step{done:07d}.png", columns, legend=legend, caption=caption)
+
+
+def evaluate_teacher(run: Run, done: int) -> None:
+    """mIoU of the EMA teacher on the validation split; the best one so far is kept in best.pt (as the reference
+    code keeps and reports its best evaluation), and an evaluation line goes to metrics.jsonl."""
+    args = run.args
+    run.result = result = evaluate(run.teacher, take(run, run.val_loader, done), num_classes=args.num_classes,
+                                   mode=args.eval_mode, crop_size=args.crop_size, device=run.device,
+                                   amp_dtype=run.amp_dtype, progress=False)
+    if run.best is None or result["miou"] > run.best:
+        run.best, run.best_step = result["miou"], done
+        checkpoint(run, done, name="best.pt")
+    if run.is_main:
+        tqdm.write(f"step {done}: EMA mIoU {result['miou']:.2f} (best {run.best:.2f} at step {run.best_step})")
+        iou = [None if math.isnan(v) else v for v in result["iou"]]  # JSON has no NaN
+        line = {"step": done, "miou": result["miou"], "iou": iou, "classes": list(run.spec.classes),
+                "things": list(data.thing_classes(args.dataset))}
+        if run.pseudo_confusion.any():  # rows: true class, columns: trained pseudo-label (pixels)
+            line["pseudo_confusion"] = run.pseudo_confusion.tolist()
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def keep_going(run: Run, done: int, logs: dict, skipped: bool) -> bool:
+    """Checkpoint every --save-every steps and at the end; False after a SIGTERM (saved); an error after
+    NONFINITE_LIMIT skipped steps in a row, with last.pt at the last good step."""
+    if skipped:
+        run.skipped_in_row += 1
+        if run.skipped_in_row == 1:  # the state stays the one the step before left: where a stop would save
+            run.last_good = (run.step, run.rng_step)
+    else:
+        run.skipped_in_row = 0
+    stop_now = any_rank(run.stop["requested"], run.device)  # every rank stops at the same step
+    if done % run.args.save_every == 0 or done == run.total or stop_now:
+        checkpoint(run, done)
+    if run.skipped_in_row == NONFINITE_LIMIT:
+        checkpoint(run, *run.last_good)  # the state is still the last good step's: nothing was applied since
+        raise FloatingPointError(
+            f"loss_x {logs['loss_x']:.4g}, loss_u {logs['loss_u']:.4g}: a non-finite loss in {NONFINITE_LIMIT} "
+            f"steps in a row ({run.last_good[0] + 1}..{done}); {run.out / 'last.pt'} holds step {run.last_good[0]}, "
+            f"the last good one (a lower --lr, --clip-grad or --amp off, then --resume auto)")
+    if stop_now and run.is_main:
+        tqdm.write(f"SIGTERM: saved {run.out / 'last.pt'} at step {done}; continue with --resume auto")
+    return not stop_now
+
+
+def finish(run: Run) -> None:
+    """The final table, the toy world's pseudo-label confusion, last and best mIoU."""
+    if run.is_main and not run.stop["requested"] and run.start < run.total:
+        print(format_table(run.result, run.spec.classes))
+        if run.pseudo_confusion.any():
+            table = save_confusion(run.out / "confusion.png", run.pseudo_confusion, run.spec.classes)
+            print(f"trained pseudo-labels against the true layouts, % of each true class ({run.out / 'confusion.png'}):")
+            print(table)
+        print(f"EMA teacher mIoU {run.result['miou']:.2f} after {run.total} steps (last.pt), best {run.best:.2f} at "
+              f"step {run.best_step} (best.pt); run folder {run.out}")
+    if run.distributed:
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when flag is true on any rank (flag itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    total = torch.tensor(float(flag), device=device)
+    dist.all_reduce(total)
+    return bool(total > 0)
+
+
+def rng_states(device: torch.device) -> dict:
+    """The global RNG states a checkpoint carries (the CUDA one on CUDA)."""
+    states = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return states
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -321,73 +1026,11 @@ def make_loader(dataset, *, batch: int, start: int, steps: int, seed: int, rank:
                                        collate_fn=collate)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Small pure helpers of the method (each tested)
-
-
-def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    """Poly schedule: base · (1 − step/total)^power, per iteration, no warm-up."""
-    return base * (1 - step / total) ** power
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float) -> None:
-    """EMA over parameters and floating buffers with λ = min(1 − 1/(step+1), decay)."""
-    lam = min(1 - 1 / (step + 1), decay)
-    for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
-        if t.is_floating_point():
-            t.mul_(lam).add_(s.detach(), alpha=1 - lam)
-        else:
-            t.copy_(s)
-
-
-def cutmix(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """Inside sample b's box, take sample B−1−b (step 3 of the loop).
-
-    Args:
-        x: (B, ...) with the last two dims H, W (images, scores, masks, labels).
-        box: (B, H, W) bool.
-    Returns:
-        Tensor like x.
-    """
-    mask = box.view(box.shape[0], *([1] * (x.dim() - 3)), *box.shape[1:])  # broadcast over channel dims
-    return torch.where(mask, x.flip(0), x)
-
-
-def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
-    """The teacher's per-pixel class probabilities without OT (--method pseudo), (B, K, H, W) -> (B, K, H, W).
-
-    DPT: softmax of its logits. Mask2Former: its scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q) are class
-    probabilities already; a softmax over values in [0, 1] would put every pixel far below the gate δ.
-    """
-    return scores.softmax(1) if arch == "dpt" else scores
-
-
-def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Namespace,
-                   class_marginal: str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The synthetic branch's targets and γ gate, by method (paper: "OT assignment"; the others are ablations).
-
-    sense: OT plan rows (ot.ot_pseudo_labels), gate on the teacher (paper) or on the plan (--ot-gate plan);
-    soft: the teacher's probabilities; pseudo: one-hot of the teacher's argmax (DPT; Mask2Former takes the hard
-    label of its scores in any case). soft and pseudo gate on the teacher's maximum probability.
-
-    Args:
-        scores: (B, K, H, W) teacher scores (DPT logits / Mask2Former scores) of the CutMixed batch.
-        valid: (B, H, W) bool, False on padding.
-        class_marginal: "uniform", "present" or a (K,) tensor (the labelled set's frequencies).
-    Returns:
-        targets (B, K, H, W) float32 (rows sum to 1 on valid pixels), gate (B, H, W) bool, log values.
-    """
-    if args.method == "sense":
-        targets, gate, stats = ot_pseudo_labels(scores, valid, conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
-                                                beta=args.ot_beta, iters=args.ot_iters, class_marginal=class_marginal,
-                                                min_prob=args.ot_min_prob, scope=args.ot_scope)
-        return targets, gate, {"ot_err": stats["marginal_error"]}
-    targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
-    gate = (targets.amax(1) >= args.conf_thresh) & valid
-    if args.method == "pseudo" and args.arch == "dpt":
-        targets = F.one_hot(targets.argmax(1), targets.shape[1]).movedim(-1, 1).to(targets.dtype)
-    return targets, gate, {}
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic torch.save: a killed run never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def label_stats(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,
@@ -416,161 +1059,6 @@ def label_stats(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: t
             stats["acc_all"] = float(right[known].float().mean())
             stats["acc_teacher"] = float((teacher_label == truth)[known].float().mean())
     return stats
-
-
-def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float, min_kept: int) -> tuple[torch.Tensor, int]:
-    """Online hard example mining CE: pixels whose true-class probability is <= max(thresh, the min_kept-th
-    smallest such probability) (UniMatch's ProbOhemCrossEntropy2d).
-
-    Args:
-        logits: (B, K, H, W). label: (B, H, W) long, 255 = ignore.
-    Returns:
-        (mean CE over kept pixels, number of kept pixels).
-    """
-    valid = label != data.IGNORE_INDEX
-    ce = F.cross_entropy(logits.float(), label, ignore_index=data.IGNORE_INDEX, reduction="none")  # (B, H, W)
-    with torch.no_grad():
-        prob = torch.exp(-ce)  # (B, H, W) probability of the true class
-        if min_kept <= 0 or min_kept > int(valid.sum()):
-            keep = valid  # too few pixels to mine from (or mining off): every valid pixel counts
-        else:
-            threshold = max(thresh, float(prob[valid].kthvalue(min_kept).values))
-            keep = valid & (prob <= threshold)
-    n = int(keep.sum())
-    return (ce * keep).sum() / max(n, 1), n
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when flag is true on any rank (flag itself without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    total = torch.tensor(float(flag), device=device)
-    dist.all_reduce(total)
-    return bool(total > 0)
-
-
-def ddp_mean(mean: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
-    """Turn a rank-local mean over `count` pixels into this rank's share of the mean over all ranks' pixels, so that
-    DDP's gradient averaging gives the gradient of the global mean (equal to one process with the whole batch)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return mean
-    total = torch.tensor(float(count), device=device)
-    dist.all_reduce(total)
-    return mean * count * dist.get_world_size() / total.clamp_min(1)
-
-
-def split_outputs(out, n: int):
-    """Split a student output (tensor or Mask2Former dict) along the batch into the first n and the rest."""
-    if torch.is_tensor(out):
-        return out[:n], out[n:]
-    first = {k: v[:n] for k, v in out.items() if k != "aux_outputs"}
-    rest = {k: v[n:] for k, v in out.items() if k != "aux_outputs"}
-    first["aux_outputs"] = [split_outputs(aux, n)[0] for aux in out.get("aux_outputs", [])]
-    rest["aux_outputs"] = [split_outputs(aux, n)[1] for aux in out.get("aux_outputs", [])]
-    return first, rest
-
-
-def _teacher_view(teacher: nn.Module, images: torch.Tensor, size: tuple[int, int], flip: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One teacher pass: class scores (B, K, *size) in the frame of `images`, and Mask2Former's class logits
-    (B, Q, K+1) (None for DPT). flip: the pass sees the mirrored images, its scores are mirrored back."""
-    out = teacher(images.flip(-1) if flip else images)
-    if teacher.arch == "dpt":
-        scores, logits = (out if tuple(out.shape[-2:]) == tuple(size) else models.resize(out, size, "dpt")), None
-    else:
-        # summed over the queries at stride p/4, then upsampled straight to `size` (one resize per view)
-        scores, logits = models.mask2former_scores(out, size), out["pred_logits"]
-    return (scores.flip(-1) if flip else scores), logits
-
-
-@torch.no_grad()
-def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
-
-    TTA views (reference code): flip, and for "scales" also the image resized to crop + round(0.25 crop / p) p
-    (halves up), with and without flip; every view's scores are resized straight to the crop (models.resize:
-    align_corners True for DPT, False for Mask2Former) and averaged. For Mask2Former the class logits
-    (B, Q, K+1) are averaged over the same views, query by query, and the image gate reads them.
-
-    Returns:
-        scores (B, K, H, W) float32 (DPT logits / Mask2Former scores), and for Mask2Former the per-image mean over
-        queries of the max class probability (no-object included) (B,) of the (view-averaged) class logits,
-        else None.
-    """
-    patch, arch, size = teacher.patch_size, teacher.arch, tuple(images.shape[-2:])
-    scores, logits = _teacher_view(teacher, images, size, flip=False)  # plain pass on the whole batch
-    half = images.shape[0] // 2 if tta != "none" else 0
-    if half:
-        x = images[:half]
-        views = [(scores[:half], None if logits is None else logits[:half]),  # the plain pass, reused
-                 _teacher_view(teacher, x, size, flip=True)]
-        if tta == "scales":
-            big = [s + math.floor(0.25 * s / patch + 0.5) * patch for s in size]  # crop + round(0.25 crop / p) p
-            x_big = models.resize(x, big, arch)  # (B/2, 3, *big)
-            views += [_teacher_view(teacher, x_big, size, flip) for flip in (False, True)]
-        scores = torch.cat([torch.stack([s.float() for s, _ in views]).mean(0), scores[half:].float()])
-        if logits is not None:
-            logits = torch.cat([torch.stack([c.float() for _, c in views]).mean(0), logits[half:].float()])
-    query_conf = None if logits is None else logits.float().softmax(-1).amax(-1).mean(1)  # (B,)
-    return scores.float(), query_conf
-
-
-def mask2former_labels(targets: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor,
-                       conf_thresh: float) -> torch.Tensor:
-    """Hard synthetic labels of the Mask2Former branch (paper: "pixel- and query-based segmenters").
-
-    A pixel keeps the argmax of its target where the target's confidence is >= δ; an image whose teacher is
-    unsure (query_conf < δ) is dropped whole. As in the reference code, image b's gate covers the whole
-    CutMixed image b, the box pasted from image B−1−b included.
-
-    Args:
-        targets: (B, K, H, W) OT plan rows (or teacher probabilities) of the CutMixed batch.
-        ignore: (B, H, W) bool, True on padding (CutMixed).
-        query_conf: (B,) per-image confidence from teacher_predict (not CutMixed).
-        conf_thresh: δ.
-    Returns:
-        (B, H, W) int64 labels, 255 = not trained on.
-    """
-    conf, label = targets.max(1)  # (B, H, W) ×2
-    unsure = (query_conf < conf_thresh)[:, None, None]  # (B, 1, 1)
-    label[(conf < conf_thresh) | ignore | unsure] = data.IGNORE_INDEX
-    return label
-
-
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: the backbone's trainable parameters at lr; the rest at lr · head_lr_mult, those
-    named in NO_WEIGHT_DECAY (Mask2Former) without weight decay. Empty groups are left out; "base" keeps each
-    group's lr before the poly schedule."""
-    backbone_ids = {id(p) for p in model.backbone.parameters()}
-    head, no_decay = [], []
-    for name, p in model.named_parameters():
-        if id(p) not in backbone_ids:
-            (no_decay if any(key in name for key in NO_WEIGHT_DECAY) else head).append(p)
-    head_lr = lr * head_lr_mult
-    groups = [dict(params=[p for p in model.backbone.parameters() if p.requires_grad], lr=lr, base=lr,
-                   weight_decay=weight_decay),
-              dict(params=head, lr=head_lr, base=head_lr, weight_decay=weight_decay),
-              dict(params=no_decay, lr=head_lr, base=head_lr, weight_decay=0.0)]
-    return [g for g in groups if g["params"]]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Output: checkpoints, panels, logs
-
-
-def rng_states(device: torch.device) -> dict:
-    """The global RNG states a checkpoint carries (the CUDA one on CUDA)."""
-    states = {"rng_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["rng_cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic torch.save: a killed run never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def changed_map(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,
@@ -655,345 +1143,6 @@ def save_confusion(path: Path, confusion: torch.Tensor, classes: tuple[str, ...]
     lines = [header] + [f"{classes[i][:14]:<14}" + "".join(f"{share[i, j]:8.1f}" for j in range(K))
                         + f"{int(counts[i].sum()):9d}" for i in range(K)]
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    given = given_flags(args)
-    args = resolve_presets(args)
-    flag_warnings = check_flags(args, given)
-    # weights next: a real-dataset run whose official file is missing stops here, before any work (random init
-    # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
-    weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
-    spec = data.get_spec(args.dataset)
-    K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
-
-    # ---- setup: seeds -> device -> autocast -> derived numbers -> run folder -> print
-    torch.manual_seed(args.seed)
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = models.pick_device(args.device)
-    args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    is_main = rank == 0
-    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(args.amp, args.amp)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # a scaler only for fp16
-
-    patch = models.BACKBONES[args.backbone].patch_size
-    reduce_zero = False if args.ade_reduced else None
-    use_synthetic = args.method != "supervised"
-    for split in (args.train_split, args.val_split):  # a broken dataset fails in seconds, not hours
-        problems = data.check_dataset(args.dataset, args.data_root, split, quick=True, reduce_zero_label=reduce_zero)
-        if problems:
-            raise data.DataError(f"{problems[0]} ({len(problems)} problem(s); run: python data.py check "
-                                 f"--dataset {args.dataset} --root {args.data_root} --split {split})")
-    real_set = data.LabelledDataset(args.dataset, args.data_root, args.train_split, crop_size=args.crop_size,
-                                    patch_size=patch, reduce_zero_label=reduce_zero)
-    val_set = data.LabelledDataset(args.dataset, args.data_root, args.val_split, train=False, patch_size=patch,
-                                   reduce_zero_label=reduce_zero)
-    if use_synthetic and not Path(args.synthetic).exists():
-        raise data.DataError(f"--synthetic {args.synthetic}: not found (a folder, split file or manifest.jsonl; "
-                             f"make one with generate.py, or use --method supervised)")
-    syn_set = data.SyntheticDataset(args.synthetic, crop_size=args.crop_size, patch_size=patch,
-                                    with_truth=args.dataset == "toy") if use_synthetic else None
-    resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
-    if resume is not None and args.resume != "auto" and not resume.is_file():
-        raise ValueError(f"--resume {resume}: checkpoint not found")
-    if resume is None and (Path(args.out) / "last.pt").is_file():  # it would be overwritten, its log mixed in
-        raise ValueError(f"--out {args.out}: holds a run (last.pt); continue it with --resume auto, or choose "
-                         f"another --out")
-    # after the data checks; weights as resolved at the start (None: random init)
-    student = models.build_model(args.arch, args.backbone, K, weights or models.NO_WEIGHTS).to(device)
-    B = args.batch_size
-    B_x = args.real_batch or B  # real images per step: B in the paper (its supervised baseline too)
-    # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
-    # sense would (the same budget); only without a synthetic set does it count passes over the real set.
-    if use_synthetic:
-        epoch_len = len(syn_set)
-    elif Path(args.synthetic).exists():
-        epoch_len = len(data.synthetic_images(args.synthetic))
-    else:
-        epoch_len = len(real_set)
-    steps_per_epoch = max(1, epoch_len // (B * world * args.grad_accum))
-    total = args.iters or args.epochs * steps_per_epoch
-    # Real datasets: the EMA teacher is evaluated after every epoch and the best kept (best.pt), as the reference
-    # code reports its numbers; the toy preset evaluates every 100 steps to stay at minutes.
-    args.eval_every = args.eval_every or (steps_per_epoch if args.dataset != "toy" else max(1, total // 4))
-    args.save_every = args.save_every or args.eval_every
-    args.panel_every = args.eval_every if args.panel_every is None else args.panel_every
-    out = Path(args.out)
-    if is_main:
-        (out / "panels").mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1) + "\n")
-        print(f"train.py: {args.method} | {args.dataset} (K={K}) | {args.arch}/{args.backbone} "
-              f"(weights {student.pretrained_file or 'none: random init'}) | {total} steps of {B_x} real"
-              f"{f' + {B} synthetic' if use_synthetic else ''} x {world} rank(s) x {args.grad_accum} | crop "
-              f"{args.crop_size} | {device} {amp} | run folder {out}")
-        print("config: " + json.dumps(vars(args)))
-        for warning in flag_warnings:
-            print(f"train.py: warning: {warning}")
-
-    # ---- model, teacher, optimizer
-    teacher = deepcopy(student).eval()  # EMA teacher: never trained by gradients
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    if args.lock_backbone:
-        for p in student.backbone.parameters():
-            p.requires_grad_(False)
-    optimizer = torch.optim.AdamW(param_groups(student, args.lr, args.head_lr_mult, args.weight_decay), lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    start, best, best_step = 0, None, None
-    pseudo_confusion = torch.zeros(K, K, dtype=torch.int64)  # toy world; rows: true class, columns: trained label
-    if resume is not None and resume.is_file():
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        for key in ("dataset", "arch", "backbone", "method"):
-            if state["args"][key] != getattr(args, key):
-                raise ValueError(f"--resume {resume}: checkpoint has {key}={state['args'][key]!r}, this run "
-                                 f"{getattr(args, key)!r}")
-        # other settings may change on purpose (a lower --lr after a divergence, more --iters): said, not refused
-        changed = [f"{key} {state['args'][key]!r} -> {value!r}" for key, value in vars(args).items()
-                   if key not in RESUME_MACHINERY and key in state["args"] and state["args"][key] != value]
-        if changed and is_main:
-            print(f"train.py: warning: --resume {resume}: continuing with settings other than the checkpoint's: "
-                  + ", ".join(changed))
-        student.load_state_dict(state["model"])
-        teacher.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start, best, best_step = state["step"], state["best_miou"], state.get("best_step")
-        pseudo_confusion = state.get("pseudo_confusion", pseudo_confusion)
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        if is_main:
-            done_already = f" of {total}: nothing left to train" if start >= total else ""
-            print(f"resumed from {resume} at step {start}{done_already}")
-    elif resume is not None and is_main:
-        print(f"--resume auto: no {resume} yet, starting at step 0")
-    device_ids = [device.index] if device.type == "cuda" else None
-    net = nn.parallel.DistributedDataParallel(student, device_ids=device_ids) if distributed else student
-
-    def checkpoint(step: int, rng: dict | None = None, name: str = "last.pt") -> None:
-        """Save <out>/name at `step`, with the RNG states `rng` (default: the current ones)."""
-        if is_main:
-            state = {"model": student.state_dict(), "ema": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "best_miou": best, "best_step": best_step,
-                     "args": vars(args), "pseudo_confusion": pseudo_confusion, **(rng or rng_states(device))}
-            save_checkpoint(out / name, state)
-
-    def data_fault(error: data.DataError | None, finished: int, rng: dict) -> data.DataError:
-        """A sample that cannot be decoded: save the checkpoint of the last finished step, then the one line to stop
-        with (error None: another rank's sample)."""
-        checkpoint(finished, rng)
-        return data.DataError(f"{error or 'another rank met a sample it cannot decode'}; saved {out / 'last.pt'} at "
-                              f"step {finished}: fix or remove the file, then continue with --resume auto")
-
-    def fetch(batches) -> list[torch.Tensor]:
-        """The next batch of a training loader, on the device. Called in step `step`, whose RNG states at its
-        start are `rng_step`: a fault is saved as the end of the step before, so that --resume auto continues
-        exactly as a run that never met it."""
-        batch = next(batches)
-        failed = isinstance(batch, data.DataError)
-        if any_rank(failed, device):  # every rank stops at the same step, or the next collective would hang
-            raise data_fault(batch if failed else None, step, rng_step)
-        return [t.to(device, non_blocking=True) for t in batch]
-
-    def take(loader):
-        """The batches of the validation loader; a sample that cannot be decoded stops the run as in fetch (after
-        step `done`). Ranks are not synchronised here: their shards differ in length, and torchrun stops the rest."""
-        for batch in loader:
-            if isinstance(batch, data.DataError):
-                raise data_fault(batch, done, rng_states(device))
-            yield batch
-
-    stop = {"requested": False}  # SIGTERM (a scheduler's pre-emption): finish the step, save, exit cleanly
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-
-    # ---- loaders: one micro-batch per (step, accumulation index), from the resume point on
-    common = dict(start=start * args.grad_accum, steps=total * args.grad_accum, seed=args.seed, rank=rank,
-                  world=world, workers=args.workers, pin=device.type == "cuda")
-    real_iter = iter(make_loader(real_set, batch=B_x, **common))
-    syn_iter = iter(make_loader(syn_set, batch=B, **{**common, "seed": args.seed + 1})) if use_synthetic else None
-    val_loader = torch.utils.data.DataLoader(Caught(torch.utils.data.Subset(val_set, range(rank, len(val_set), world))),
-                                             batch_size=1, num_workers=args.workers, generator=torch.Generator(),
-                                             collate_fn=collate)
-    log_file = out / "metrics.jsonl"
-    if is_main and start == 0 and log_file.exists():  # left by an attempt that ended before its first checkpoint
-        log_file.unlink()
-        print(f"{log_file}: replaced (an earlier attempt without a checkpoint)")
-    ohem = args.ohem == "on"
-    class_marginal = args.ot_marginal
-    if args.ot_marginal == "prior":  # the labelled split's class pixel frequencies, a (K,) tensor
-        class_marginal = torch.tensor(data.class_frequencies(args.dataset, args.data_root, args.train_split, K,
-                                                             reduce_zero_label=reduce_zero))
-        if is_main:
-            print("class marginal (prior): " + " ".join(f"{n} {f:.3f}" for n, f in zip(spec.classes, class_marginal)))
-    t_last, meter, interval = time.perf_counter(), {}, {"steps": 0, "skipped": 0}
-    skipped_in_row, last_good = 0, None  # non-finite losses: the current run of skipped steps, (step, RNG) before it
-    progress = tqdm(range(start, total), initial=start, total=total, disable=not is_main, desc="train", leave=False)
-    for step in progress:
-        rng_step = rng_states(device)  # as the last finished step left them: what a checkpoint of that step holds
-        confusion_before = pseudo_confusion.clone()  # restored when the step is skipped
-        student.train()
-        for group in optimizer.param_groups:  # poly lr, per iteration
-            group["lr"] = poly_lr(group["base"], step, total, args.poly_power)
-        logs, finite = {}, True
-        for micro in range(args.grad_accum):
-            # 1. batches
-            image_x, label_x = fetch(real_iter)  # (B_x, 3, c, c), (B_x, c, c)
-            if use_synthetic:
-                batch_u = fetch(syn_iter)
-                image_w, image_s, ignore_u, box = batch_u[:4]  # (B, 3, c, c) ×2, (B, c, c) bool ×2
-                truth = batch_u[4] if len(batch_u) > 4 else None  # (B, c, c) toy world only: never trained on
-                if args.no_cutmix:
-                    box = torch.zeros_like(box)
-                # 2. teacher (EMA) on the weak views, TTA on the first half
-                with autocast():
-                    scores_u, query_conf = teacher_predict(teacher, image_w, args.tta)  # (B, K, c, c) float32
-                # 3. CutMix: strong images and everything the teacher says about them are mixed by the same rule
-                image_s, scores_u, ignore_u = cutmix(image_s, box), cutmix(scores_u, box), cutmix(ignore_u, box)
-                truth = cutmix(truth, box) if truth is not None else None
-                if query_conf is not None:  # Mask2Former: share of images the image gate keeps (stage 5)
-                    logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
-                # pseudo-labels and the γ gate: OT targets (sense) or the teacher's own labels (pseudo, soft)
-                targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, class_marginal)  # (B, K, c, c)
-                logs.update(target_logs)
-            # 4. student, one forward on [x; u_s]
-            with autocast():
-                pred = net(torch.cat([image_x, image_s]) if use_synthetic else image_x)
-            pred_x, pred_u = split_outputs(pred, B_x)
-            # 5. losses
-            if args.arch == "dpt":
-                if ohem:
-                    loss_x, n_x = ohem_cross_entropy(pred_x, label_x, OHEM_THRESH, OHEM_MIN_KEPT)
-                else:
-                    n_x = int((label_x != data.IGNORE_INDEX).sum())  # sum / count: a crop of padding only gives 0
-                    loss_x = F.cross_entropy(pred_x.float(), label_x, ignore_index=data.IGNORE_INDEX,
-                                             reduction="sum") / max(n_x, 1)
-                loss_x = ddp_mean(loss_x, n_x, device)
-            else:
-                loss_x = models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, K))["loss"]
-            loss_u = torch.zeros((), device=device)
-            if use_synthetic:
-                if args.arch == "dpt":
-                    loss_u = ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
-                    label_u = torch.where(gate, targets.argmax(1), data.IGNORE_INDEX)  # for panels and accuracy
-                else:
-                    # Mask2Former: hard labels where the OT (or teacher) confidence >= δ, unsure images dropped,
-                    # one target per class
-                    label_u = mask2former_labels(targets, ignore_u, query_conf, args.conf_thresh)  # (B, c, c)
-                    valid = None if args.m2f_ignore_as_negative else list(label_u != data.IGNORE_INDEX)
-                    loss_u = models.mask2former_loss(pred_u, models.semantic_to_targets(label_u, K), valid_masks=valid,
-                                                     **M2F_SYNTHETIC)["loss"]
-                    gate = label_u != data.IGNORE_INDEX
-                logs["mask_ratio"] = float(gate.float().mean())
-                logs.update(label_stats(scores_u.argmax(1), targets.argmax(1), gate, truth))
-                if truth is not None:  # toy world: which true class each trained pseudo-label had
-                    trained = gate & (truth != data.IGNORE_INDEX)
-                    pseudo_confusion += confusion_matrix(label_u[trained], truth[trained], K)
-            loss = (loss_x + loss_u) / 2 if use_synthetic else loss_x
-            # 6. backward (accumulated; a non-finite loss too, since DDP's gradient hooks must run on every rank)
-            scaler.scale(loss / args.grad_accum).backward()
-            logs["loss_x"], logs["loss_u"] = loss_x.item(), loss_u.item()
-            finite = finite and math.isfinite(logs["loss_x"]) and math.isfinite(logs["loss_u"])
-        # A non-finite loss on any rank (bf16 overflow, a bad batch) skips the step: no parameter, optimizer, scaler
-        # or EMA change; the gradients are dropped. The scaler's own inf/NaN check covers finite losses whose
-        # fp16 gradients overflow.
-        skipped = any_rank(not finite, device)
-        if skipped:
-            optimizer.zero_grad(set_to_none=True)
-            pseudo_confusion.copy_(confusion_before)  # nothing was trained on
-            skipped_in_row += 1
-            if skipped_in_row == 1:  # the state stays the one the step before left: where a stop would save
-                last_good = (step, rng_step)
-        else:
-            if args.clip_grad > 0:  # clipping runs before the step (on unscaled gradients)
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            # 7. EMA teacher
-            ema_update(teacher, student, step, args.ema_decay)
-            skipped_in_row = 0
-        done = step + 1
-        # 8. log, panels, evaluation, checkpoint
-        interval["steps"] += 1
-        interval["skipped"] += skipped
-        for key, value in ({} if skipped else logs).items():  # a skipped step's NaN would spoil the interval's means
-            meter.setdefault(key, []).append(value)
-        if is_main and (done % args.log_every == 0 or done == total):
-            now = time.perf_counter()
-            line = {"step": done, **{k: sum(v) / len(v) for k, v in meter.items()}, "skipped": interval["skipped"],
-                    "lr": optimizer.param_groups[0]["lr"], "s_per_step": (now - t_last) / interval["steps"]}
-            t_last, meter, interval = now, {}, {"steps": 0, "skipped": 0}
-            progress.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in line.items()))
-            with open(log_file, "a") as f:
-                f.write(json.dumps(line) + "\n")
-        if is_main and use_synthetic and args.panel_every and (done % args.panel_every == 0 or done == total):
-            n = min(PANEL_SAMPLES, B)
-            student_u = pred_u if args.arch == "dpt" else models.mask2former_scores(pred_u, image_s.shape[-2:])
-            palette = lambda label: data.colorize(label[:n].cpu(), spec.palette)  # noqa: E731
-            columns = [("weak view (CutMix)", data.denormalize(cutmix(image_w, box)[:n])),  # what the teacher saw
-                       ("teacher argmax", palette(scores_u.argmax(1))),
-                       ("OT changed", changed_map(scores_u[:n].argmax(1).cpu(), targets[:n].argmax(1).cpu(),
-                                                  gate[:n].cpu(), ~ignore_u[:n].cpu())),
-                       ("trained-on label", palette(label_u)),
-                       ("student (strong)", palette(student_u.argmax(1).detach()))]
-            caption = f"step {done}: {args.method}, trained pixels {logs['mask_ratio']:.1%}"
-            if truth is not None:
-                columns.insert(1, ("true layout", palette(truth)))
-                accuracy = {key: f"{logs[key]:.3f}" if key in logs else "-" for key in ("acc_trained", "acc_all", "acc_teacher")}
-                caption += (f"; pseudo-label accuracy: trained pixels {accuracy['acc_trained']}, all pixels "
-                            f"{accuracy['acc_all']} (teacher argmax, all pixels {accuracy['acc_teacher']})")
-            legend = [*zip(spec.classes, spec.palette), ("not trained on", (0, 0, 0))] if K <= 40 else []
-            legend += [(f"OT: {name}", colour) for name, colour in CHANGED_COLOURS.items()]
-            save_panel(out / "panels" / f"step{done:07d}.png", columns, legend=legend, caption=caption)
-        if done % args.eval_every == 0 or done == total:
-            result = evaluate(teacher, take(val_loader), num_classes=K, mode=args.eval_mode, crop_size=args.crop_size,
-                              device=device, amp_dtype=amp_dtype, progress=False)
-            if best is None or result["miou"] > best:  # the reference code keeps and reports the best evaluation
-                best, best_step = result["miou"], done
-                checkpoint(done, name="best.pt")
-            if is_main:
-                progress.write(f"step {done}: EMA mIoU {result['miou']:.2f} (best {best:.2f} at step {best_step})")
-                with open(log_file, "a") as f:
-                    iou = [None if math.isnan(v) else v for v in result["iou"]]  # JSON has no NaN
-                    line = {"step": done, "miou": result["miou"], "iou": iou, "classes": list(spec.classes),
-                            "things": list(data.thing_classes(args.dataset))}
-                    if pseudo_confusion.any():  # rows: true class, columns: trained pseudo-label (pixels)
-                        line["pseudo_confusion"] = pseudo_confusion.tolist()
-                    f.write(json.dumps(line) + "\n")
-        stop_now = any_rank(stop["requested"], device)  # every rank stops at the same step
-        if done % args.save_every == 0 or done == total or stop_now:
-            checkpoint(done)
-        if skipped_in_row == NONFINITE_LIMIT:
-            checkpoint(*last_good)  # the state is still the last good step's: nothing was applied since
-            raise FloatingPointError(
-                f"loss_x {logs['loss_x']:.4g}, loss_u {logs['loss_u']:.4g}: a non-finite loss in {NONFINITE_LIMIT} "
-                f"steps in a row ({last_good[0] + 1}..{done}); {out / 'last.pt'} holds step {last_good[0]}, the last "
-                f"good one (a lower --lr, --clip-grad or --amp off, then --resume auto)")
-        if stop_now:
-            if is_main:
-                progress.write(f"SIGTERM: saved {out / 'last.pt'} at step {done}; continue with --resume auto")
-            break
-    progress.close()
-    if is_main and not stop["requested"] and start < total:
-        print(format_table(result, spec.classes))
-        if pseudo_confusion.any():
-            table = save_confusion(out / "confusion.png", pseudo_confusion, spec.classes)
-            print(f"trained pseudo-labels against the true layouts, % of each true class ({out / 'confusion.png'}):")
-            print(table)
-        print(f"EMA teacher mIoU {result['miou']:.2f} after {total} steps (last.pt), best {best:.2f} at step "
-              f"{best_step} (best.pt); run folder {out}")
-    if distributed:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
