@@ -14,7 +14,13 @@ import time
 
 
 def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds."""
+    """Median wall time of fn() in seconds.
+
+    Args:
+        fn: the call to time; it must finish its work before it returns (synchronise a GPU inside it).
+        repeats: timed calls; the median is robust to the odd slow call on a shared machine.
+        warmup: untimed calls first (allocator, kernel and library set-up).
+    """
     for _ in range(warmup):
         fn()
     times = []
@@ -26,6 +32,9 @@ def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
     return times[len(times) // 2]
 
 
+# POT's sinkhorn timed in a fresh process started outside the repository (where `import ot` is POT, not our ot.py):
+# argv: the saved (B, K, N) log-probabilities and the number of repeats; prints {"dtype/iters": [median s, iterations
+# kept]} as JSON. One POT call per image, uniform marginals, β = 0.05, at 3 and at 50 iterations.
 POT_TIMER = """
 import sys, time, json, warnings
 import torch, ot  # POT: this process runs outside the repository root, so `ot` is POT
@@ -51,6 +60,9 @@ for dtype in ("float32", "float64"):
 print(json.dumps(out))
 """
 
+# Peak extra memory of one ot.sinkhorn call, in a fresh process (so nothing else has raised the peak): argv: the
+# repository root, B, K, N and the class marginal; prints the peak resident set size during the call minus the size
+# before it, in units of the input's size in float32.
 PEAK_MEMORY = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -154,6 +166,7 @@ def bench_quality(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     # Tiles of a real photograph keep natural-image grey-level statistics at full resolution.
+    # Inputs: real-photograph statistics at the paper's image size, the same grey images for both sides.
     photo = skdata.astronaut()  # (512, 512, 3) uint8
     reps = (math.ceil(args.height / photo.shape[0]), math.ceil(args.width / photo.shape[1]), 1)
     rgb = np.tile(photo, reps)[:args.height, :args.width]  # (H, W, 3)
@@ -164,6 +177,8 @@ def bench_quality(argv: list[str]) -> None:
     grey_device, rgb_device = grey.to(device), rgb.to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    # Our GLCM at a given number of torch threads; the CPU pool of quality.glcm_features spreads
+    # (image, offset) histograms over them. sync() makes GPU work finish inside the timed call.
     def torch_glcm(threads: int):
         def run() -> None:
             previous = torch.get_num_threads()
@@ -175,11 +190,13 @@ def bench_quality(argv: list[str]) -> None:
                 torch.set_num_threads(previous)
         return run
 
+    # The reference: scikit-image, one image at a time, the same four angles and all five statistics.
     def skimage_glcm() -> None:
         for image in grey.numpy():
             matrix = graycomatrix(image, [1], angles, levels=256, symmetric=True, normed=True)
             [graycoprops(matrix, name).mean() for name in quality.GLCM_STATS]
 
+    # The compression-ratio reference: PNG (lossless) of one image.
     def png_bytes() -> None:
         Image.fromarray(rgb[0].permute(1, 2, 0).numpy()).save(io.BytesIO(), format="PNG")
 
@@ -194,7 +211,9 @@ def bench_quality(argv: list[str]) -> None:
             fn()
             if repeat:  # the first round is the warm-up
                 times[name].append(time.perf_counter() - t0)
+    # Seconds per image: the median over repeats, divided by the batch.
     t_reference, t_torch, t_torch_1 = (sorted(times[name])[len(times[name]) // 2] / args.batch for name in runs)
+    # The remaining rows: grey conversion (what RGB input adds) and JPEG vs PNG compression ratio.
     t_grey = median_time(lambda: (quality.to_grey(rgb_device), sync()), args.repeats) / args.batch
     t_jpeg = median_time(lambda: quality.compression_ratio(rgb_device), args.repeats) / args.batch
     t_png = median_time(png_bytes, 1)
@@ -231,10 +250,12 @@ def bench_data(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="bench.py data")
     parser.add_argument("--samples", type=int, default=16, help="samples per pipeline and side (default: 16)")
     args = parser.parse_args(argv)
+    # Both pipelines run on one thread, the way each DataLoader worker runs them.
     torch.set_num_threads(1)  # DataLoader workers run single-threaded
     random.seed(0)
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
 
+    # Draws from torch's global generator, in the same order as data.py, so both sides crop alike.
     def uniform(low, high):
         return low + (high - low) * torch.rand(()).item()
 
@@ -256,11 +277,13 @@ def bench_data(argv: list[str]) -> None:
             image, label = TF.hflip(image), TF.hflip(label)
         return image, label
 
+    # The labelled reference: decode, geometry, label ids through the dataset's table, normalise.
     def reference_labelled(image_path, label_path, crop, lut):
         image, label = reference_geometry(Image.open(image_path).convert("RGB"), Image.open(label_path), crop)
         target = torch.from_numpy(lut[np.array(label)].astype(np.int64))
         return TF.normalize(TF.to_tensor(image), mean, std), target
 
+    # The synthetic reference: the same geometry, then the textbook strong view of data.py.
     def reference_synthetic(image_path, crop):
         image = Image.open(image_path).convert("RGB")
         image, padding = reference_geometry(image, Image.new("L", image.size, 0), crop)
@@ -274,6 +297,7 @@ def bench_data(argv: list[str]) -> None:
         noise = np.random.default_rng(seed).normal(0, 3, image.shape)
         return np.clip(image + noise, 0, 255).astype(np.uint8), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
 
+    # Three images per dataset, written in each dataset's own layout and format (PNG / JPEG).
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for index in range(3):
@@ -288,6 +312,7 @@ def bench_data(argv: list[str]) -> None:
             (root / "ade/annotations/training").mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(root / f"ade/images/training/ADE_train_{index:08d}.jpg", quality=90)
             Image.fromarray(label).save(root / f"ade/annotations/training/ADE_train_{index:08d}.png")
+        # (dataset, root, synthetic folder, crop, label table): the paper's DPT crops.
         setups = [("cityscapes", root / "cs", root / "cs/leftImg8bit", 798, None),
                   ("ade20k", root / "ade", root / "ade/images", 518, data.REDUCE_ZERO_LUT)]
         print(f"data pipelines, samples/s on one thread ({args.samples} samples per side, same random draws)")
@@ -297,6 +322,7 @@ def bench_data(argv: list[str]) -> None:
             labelled = data.LabelledDataset(name, dataset_root, "train", crop_size=crop)
             synthetic = data.SyntheticDataset(synthetic_root, crop_size=crop)
             identity = np.arange(256, dtype=np.uint8)
+            # Each pipeline: (ours, reference), called with the sample index.
             pipelines = {
                 "labelled": (lambda i: labelled[i % 3],
                              lambda i: reference_labelled(*labelled.samples[i % 3], crop,
@@ -311,6 +337,8 @@ def bench_data(argv: list[str]) -> None:
                     for i in range(len(outputs[side]), len(outputs[side]) + args.samples // 2):
                         outputs[side].append(fn(i))
                     timings[side] += time.perf_counter() - start
+                # Statistics over the valid pixels of every view: equal means and stds say both sides made the same
+                # images; the mean absolute difference says by how much they differ, in 8-bit gray levels.
                 views = [0, 1] if pipeline == "synthetic" else [0]
                 stats = []
                 for side in ("ours", "ref"):
@@ -323,12 +351,17 @@ def bench_data(argv: list[str]) -> None:
                 difference = np.mean([
                     np.abs(data.denormalize(a[v]).astype(float) - data.denormalize(b[v]).astype(float)).mean()
                     for a, b in zip(outputs["ours"], outputs["ref"]) for v in views])
+                # samples/s per side, and the row of the table.
                 rate = {side: args.samples / timings[side] for side in timings}
                 print(f"{name:<11}{pipeline:<11}{rate['ours']:>7.1f}{rate['ref']:>7.1f}{rate['ours'] / rate['ref']:>6.2f}×"
                       f"   {stats[0][0]:>7.3f}/{stats[1][0]:<7.3f}{stats[0][1]:>7.3f}/{stats[1][1]:<7.3f}{difference:>10.2f}")
 
 
-GPU_SETUPS = {  # (arch, backbone, crop, B per stream): the paper's Cityscapes runs; --tiny: the toy world's sizes
+# What `python bench.py gpu` measures. Training setups: (arch, backbone, crop, B per stream), the paper's Cityscapes
+# runs (DPT on DINOv2-S and -B at 798, Mask2Former with the L head on DINOv3-L at 768, 8 + 8 images, bf16); --tiny:
+# the toy world's sizes, so that the same code runs on a CPU in seconds. Sinkhorn: B images of side² pixels each, the
+# class counts of Cityscapes and ADE20K. GLCM: the size of a Cityscapes image.
+GPU_SETUPS = {
     "full": [("dpt", "dinov2_s", 798, 8), ("dpt", "dinov2_b", 798, 8), ("mask2former", "dinov3_l", 768, 8)],
     "tiny": [("dpt", "toy", 64, 2), ("mask2former", "toy", 64, 2)],
 }
@@ -338,7 +371,12 @@ GPU_GLCM = {"full": (1024, 2048), "tiny": (64, 128)}
 
 class PhaseTimer:
     """Wall time per named phase of a step; synchronises the device around each phase so that GPU work
-    is charged to the phase that queued it."""
+    is charged to the phase that queued it.
+
+        timer = PhaseTimer(device)
+        with timer("ot"):
+            ...                       # timer.total["ot"] grows by the wall time of this block
+    """
 
     def __init__(self, device):
         import torch
@@ -360,7 +398,17 @@ class PhaseTimer:
 
 def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, amp_dtype, steps: int) -> dict:
     """s/step, peak memory, and the shares of the teacher, OT and (Mask2Former) deformable attention in one
-    SENSE training step of train.py (Cityscapes preset: K = 19, flip TTA, OHEM for DPT), random init, random images."""
+    SENSE training step of train.py (Cityscapes preset: K = 19, flip TTA, OHEM for DPT), random init, random images.
+
+    Args:
+        arch, backbone: as train.py's --arch and --backbone.
+        crop: c, the square crop; batch: B real + B synthetic images per step.
+        device, amp_dtype: where and in which autocast dtype (None: float32) the step runs.
+        steps: timed steps after one warm-up step.
+    Returns:
+        dict: arch, backbone, crop, batch, s_per_step, peak_gib (NaN on a CPU), teacher_share, ot_share and, for
+        Mask2Former, deform_share (each a fraction of the step's time).
+    """
     from copy import deepcopy
 
     import torch
@@ -369,6 +417,7 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     import model as models
     import train
 
+    # train.py's own presets for the Cityscapes run of this arch: crop, TTA, OHEM, lr, EMA, OT marginal.
     args = train.resolve_presets(train.parse_args(["--dataset", "cityscapes", "--arch", arch, "--backbone", backbone,
                                                    "--pretrained", "none", "--crop-size", str(crop),
                                                    "--batch-size", str(batch)]))
@@ -380,6 +429,8 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
                                   lr=args.lr, weight_decay=args.weight_decay)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)  # noqa: E731
     g = torch.Generator().manual_seed(0)
+    # Random inputs of the run's shapes; labels in blocks of 32 px so that the set loss sees region-sized masks.
+    # The CutMix box is always drawn (p = 1), the worst case of the step.
     image_x, image_w, image_s = (torch.randn(batch, 3, crop, crop, generator=g).to(device) for _ in range(3))
     blocks = torch.randint(K, (batch, 1, crop // 32 + 1, crop // 32 + 1), generator=g).float()
     label_x = torch.nn.functional.interpolate(blocks, size=(crop, crop), mode="nearest")[:, 0].long().to(device)
@@ -387,6 +438,8 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     box = torch.stack([data.cutmix_box(crop, p=1.0) for _ in range(batch)]).to(device)  # (B, c, c)
     timer = PhaseTimer(device)
 
+    # One SENSE step built from train.py's stage functions, each phase timed: the teacher (stage 2, with TTA),
+    # OT with the per-architecture labels (stage 4), and the rest (student forward and backward, AdamW, EMA).
     def step(i: int) -> None:
         with timer("teacher"), autocast():
             scores, query_conf = train.teacher_predict(teacher, image_w, args.tta)  # (B, K, c, c)
@@ -416,6 +469,7 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    # Timed steps after the warm-up; peak memory counts from the reset above (allocated tensors, not the cache).
     timer.total = {}
     start = time.perf_counter()
     for i in range(1, steps + 1):
@@ -441,7 +495,14 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
 
 def gpu_sinkhorn_row(K: int, B: int, N: int, device, sync) -> dict:
     """ms per call of ot.sinkhorn (both marginals) and of the exp-domain form, 3 iterations, one batch problem of B
-    images × N pixels of a segmentation-like teacher output (a few confident classes per image)."""
+    images × N pixels of a segmentation-like teacher output (a few confident classes per image).
+
+    Args:
+        K: classes; B: images; N: pixels per image.
+        device: where both run; sync: waits for the device (a no-op on a CPU).
+    Returns:
+        dict: K, batch, pixels, ours_uniform_ms, ours_present_ms, exp_domain_ms.
+    """
     import torch
 
     from ot import sinkhorn
@@ -494,11 +555,13 @@ def bench_gpu(argv: list[str]) -> None:
                "sinkhorn": []}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    # 1. Training steps of each setup (a fresh model each, memory released in between).
     for arch, backbone, crop, batch in GPU_SETUPS[size]:
         results["training"].append(gpu_step_profile(arch, backbone, crop, batch, device, amp_dtype, steps))
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
+    # 2. Sinkhorn at full resolution against the exp-domain form (tests/test_ot.py's transcription).
     ot_size = GPU_OT[size]
     B, N = ot_size["batch"], ot_size["side"] ** 2
     for K in ot_size["classes"]:
@@ -506,7 +569,7 @@ def bench_gpu(argv: list[str]) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # exp(-100) = 3.7e-44 is a float32 denormal: kept, the exp-domain form survives on near-uniform pixels down
+    # 3. Denormals. exp(-100) = 3.7e-44 is a float32 denormal: kept, the exp-domain form survives on near-uniform pixels down
     # to p^20 ~ 1e-45 (K < 178); flushed to zero, every class below p = 0.0057 at a pixel is lost already.
     denormal = float(torch.exp(torch.tensor(-100.0, device=device))) != 0.0
     results["denormals_kept"] = denormal
@@ -515,12 +578,14 @@ def bench_gpu(argv: list[str]) -> None:
         if denormal else "float32 denormals are flushed: the exp-domain reference loses every class below p = 0.0118 "
         "at a pixel (p^20 < 1.2e-38), and near-uniform pixels from K = 80 on")
 
+    # 4. GLCM throughput on random grey images (quality.py's fidelity measure).
     height, width = GPU_GLCM[size]
     grey = torch.randint(0, 256, (4, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     grey = grey.to(device)
     t = median_time(lambda: (quality.glcm_features(grey), sync()), repeats=3)
     results["glcm"] = {"size": f"{height}x{width}", "images_per_s": 4 / t}
 
+    # The table: one row per measurement, in the order of the sections above.
     rows = []
     for r in results["training"]:
         setting = f"{r['arch']} {r['backbone']} crop {r['crop']}, {r['batch']}"
@@ -542,6 +607,7 @@ def bench_gpu(argv: list[str]) -> None:
     print("| --- | --- |")
     for label, value in rows:
         print(f"| {label} | {value} |")
+    # The JSON file, written atomically (a temporary file, then a rename).
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -558,6 +624,7 @@ BENCHES["gpu"] = bench_gpu
 
 
 def main() -> None:
+    """`python bench.py <which> [its flags]`: the first word picks the benchmark, the rest are its own flags."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=sorted(BENCHES), help="which benchmark to run")
     args, rest = parser.parse_known_args()
