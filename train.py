@@ -349,9 +349,12 @@ def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Nam
         targets (B, K, H, W) float32 (rows sum to 1 on valid pixels), gate (B, H, W) bool, log values.
     """
     if args.method == "sense":
-        targets, gate, stats = ot_pseudo_labels(scores, valid, conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
-                                                beta=args.ot_beta, iters=args.ot_iters, class_marginal=class_marginal,
-                                                min_prob=args.ot_min_prob, scope=args.ot_scope)
+        # Every argument explicit: a fixed iteration count (tol None) from the reference code's start. Mask2Former's
+        # scores go in as logits (their log-softmax is the cost), as in the reference code.
+        targets, gate, stats = ot_pseudo_labels(scores, valid, beta=args.ot_beta, iters=args.ot_iters,
+                                                class_marginal=class_marginal, scope=args.ot_scope,
+                                                min_prob=args.ot_min_prob, tol=None, start="reference",
+                                                conf_thresh=args.conf_thresh, gate_on=args.ot_gate, group=None)
         return targets, gate, {"ot_err": stats["marginal_error"]}
     targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
     gate = (targets.amax(1) >= args.conf_thresh) & valid

@@ -1,11 +1,16 @@
 """Tests of ot.py: math properties, POT as an independent reference, the reference code's exp-domain
-form, hard inputs, and scope="batch" across two gloo processes.
+form (its start included) and the textbook form, the docstring examples, hard inputs, and scope="batch"
+across two gloo processes.
 
 POT is imported as `ot` too, so it runs in a subprocess started outside the repository root (our
 ot.py would shadow it here)."""
+import doctest
+import inspect
 import json
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -14,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ot as sense_ot
-from ot import ot_pseudo_labels, sinkhorn, soft_cross_entropy
+from ot import ot_pseudo_labels, sinkhorn, sinkhorn_textbook, soft_cross_entropy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,13 +125,22 @@ def test_marginal_error_after_convergence():
         assert plan.dtype == dtype
 
 
-def test_per_pixel_constant_leaves_plan_unchanged():
-    log_p = random_log_p(2, 19, 300, scale=3.0)
-    shift = torch.randn(2, 1, 300) * 20
-    for iters, marginal in ((3, "uniform"), (3, "present"), (100, "uniform")):
-        p1, _ = sinkhorn(log_p, iters=iters, class_marginal=marginal)
-        p2, _ = sinkhorn(log_p + shift, iters=iters, class_marginal=marginal)
-        assert (p1 - p2).abs().max() < 1e-5
+def test_per_pixel_constant_leaves_plan_unchanged_with_uniform_start():
+    # float64: in float32, adding a shift of ~50 rounds s by ~4e-6, which 1/β = 20 turns into ~1e-5 in the plan
+    log_p = random_log_p(2, 19, 300, scale=3.0, dtype=torch.float64)
+    shift = torch.randn(2, 1, 300, dtype=torch.float64) * 20
+    prior = torch.rand(19, dtype=torch.float64) + 0.1
+    for iters, marginal in ((3, "uniform"), (3, prior), (100, "uniform")):
+        p1, _ = sinkhorn(log_p, iters=iters, class_marginal=marginal, start="uniform")
+        p2, _ = sinkhorn(log_p + shift, iters=iters, class_marginal=marginal, start="uniform")
+        assert (p1 - p2).abs().max() < 1e-9
+    # The reference start weights pixels by exp(max_k log_p / β): a per-pixel constant changes the plan at
+    # 3 iterations, a per-problem constant does not.
+    p1, _ = sinkhorn(log_p)
+    p2, _ = sinkhorn(log_p - 7.0)
+    p3, _ = sinkhorn(log_p + shift)
+    assert (p1 - p2).abs().max() < 1e-9
+    assert (p1 - p3).abs().max() > 0.1
 
 
 def test_scope_image_equals_each_image_alone():
@@ -170,22 +185,76 @@ def test_valid_mask_and_row_sums():
 # The reference code's exp-domain float32 form, transcribed for comparison
 
 
-def reference_exp_domain(log_p: torch.Tensor, tau: float = 0.05, iters: int = 3) -> torch.Tensor:
-    """log_p (B, K, N) float32 -> (B, K, N): Q = exp(s/τ)^T over all pixels of the batch, divided by
-    its total, then `iters` x [class rows / sum (0 -> 1e-5) / K; pixel columns / sum (0 -> 1e-5) / N]."""
+def reference_exp_domain(log_p: torch.Tensor, tau: float = 0.05, iters: int = 3, b: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """log_p (B, K, N) -> (B, K, N): Q = exp(s/τ)^T over all pixels of the batch, divided by its total, then
+    `iters` x [class rows / sum (0 -> 1e-5) / K; pixel columns / sum (0 -> 1e-5) / N]. The reference code runs
+    it in float32 with b = 1/K; b (K,) replaces 1/K (rows with b_k = 0 end at 0), dtype=float64 removes the
+    underflow of p^(1/τ) (p < 0.0126 leaves float32's normal range at τ = 0.05)."""
     B, K, N = log_p.shape
-    Q = torch.exp(log_p.permute(1, 0, 2).reshape(K, B * N).float() / tau)  # (K, B*N)
+    Q = torch.exp(log_p.permute(1, 0, 2).reshape(K, B * N).to(dtype) / tau)  # (K, B*N)
     Q /= Q.sum()
+    share = torch.full((K, 1), 1.0 / K, dtype=dtype) if b is None else b.to(dtype)[:, None]  # (K, 1)
     for _ in range(iters):
         rows = Q.sum(1, keepdim=True)
         rows[rows == 0] = 1e-5
         Q /= rows
-        Q /= K
+        Q *= share
         cols = Q.sum(0, keepdim=True)
         cols[cols == 0] = 1e-5
         Q /= cols
         Q /= B * N
     return (Q * B * N).reshape(K, B, N).permute(1, 0, 2)
+
+
+def present_marginal(log_p: torch.Tensor, min_prob: float = 0.01) -> torch.Tensor:
+    """(B, K, N) -> (K,): uniform over the classes whose largest probability over the batch is >= min_prob."""
+    present = (log_p.double().exp().amax(2).amax(0) >= min_prob).double()
+    return present / present.sum()
+
+
+def confuser_teacher(B: int, K: int, N: int, seed: int, present: int = 5, confusers: int = 3,
+                     peak: tuple = (0.01, 0.10), cover: float = 0.3) -> torch.Tensor:
+    """(B, K, N) log-probabilities of a DPT-like teacher: pixels confident (p > 0.9) in one of `present`
+    classes, 10 % of them split between two; `confusers` classes that reach a largest probability drawn in
+    `peak` on a share `cover` of the pixels (their probability there: that maximum times U(0, 1)); every other
+    class stays below p = 0.001."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randperm(K, generator=g)
+    own, confusing = classes[:present], classes[present:present + confusers]
+    label = own[torch.randint(present, (B, N), generator=g)]  # (B, N)
+    logits = torch.randn(B, K, N, generator=g)
+    top = 13.0 + 4.0 * torch.rand(B, N, generator=g)  # (B, N) logit of the label
+    logits.scatter_(1, label[:, None], top[:, None])
+    mixed = torch.rand(B, N, generator=g) < 0.1
+    other = own[torch.randint(present, (B, N), generator=g)][:, None]  # (B, 1, N)
+    logits.scatter_(1, other, torch.where(mixed[:, None], top[:, None], logits.gather(1, other)))
+    for k in confusing.tolist():
+        largest = peak[0] + (peak[1] - peak[0]) * float(torch.rand((), generator=g))
+        reached = torch.rand(B, N, generator=g) < cover
+        p_k = (largest * torch.rand(B, N, generator=g)).clamp_min(1e-6)  # (B, N) its probability (label ~ 1)
+        logits[:, k] = torch.where(reached, top + torch.log(p_k / (1 - p_k)), logits[:, k])
+    return logits.log_softmax(1)
+
+
+def mask2former_like(B: int, K: int, side: int = 32, queries: int = 100, seed: int = 0) -> torch.Tensor:
+    """(B, K, side*side) log-probabilities from Mask2Former-like bounded scores: per pixel
+    Σ_q softmax(class_logits_q)[:K] · sigmoid(mask_logits_q) of random queries (most of them "no object", masks
+    smooth: bilinear from a side/4 grid), normalised to a distribution over the K classes."""
+    g = torch.Generator().manual_seed(seed)
+    class_logits = torch.randn(B, queries, K + 1, generator=g) * 3  # (B, Q, K+1), the last is "no object"
+    class_logits[..., K] += 6.0 * (torch.rand(B, queries, generator=g) < 0.9)
+    low = torch.randn(B, queries, side // 4, side // 4, generator=g) * 6
+    mask_logits = F.interpolate(low, size=(side, side), mode="bilinear", align_corners=False).flatten(2)  # (B, Q, N)
+    scores = torch.einsum("bqk,bqn->bkn", class_logits.softmax(-1)[..., :K], mask_logits.sigmoid())  # (B, K, N)
+    return (scores / scores.sum(1, keepdim=True)).log()
+
+
+def relabelled_share(log_p: torch.Tensor, start: str = "reference") -> float:
+    """Share of the teacher-gated pixels (p_max >= 0.95) whose argmax the DPT recipe's OT plan changes."""
+    plan, _ = sinkhorn(log_p, beta=0.05, iters=3, class_marginal="present", scope="batch", start=start)
+    gate = log_p.amax(1).exp() >= 0.95
+    return float((plan.argmax(1) != log_p.argmax(1))[gate].double().mean())
 
 
 @pytest.mark.parametrize("K", [19, 150])
@@ -196,6 +265,95 @@ def test_present_reproduces_reference_code(K):
     gated = log_p.amax(1).exp() >= 0.95  # (3, 900)
     assert gated.float().mean() > 0.7
     assert (plan - ref).abs().amax(1)[gated].max() < 1e-3
+
+
+@pytest.mark.parametrize("K", [19, 81, 150])
+@pytest.mark.parametrize("marginal", ["uniform", "present"])
+@pytest.mark.parametrize("teacher", ["confusers", "mask2former"])
+def test_default_start_reproduces_reference_code(K, marginal, teacher):
+    # The regime where the two starts differ: classes peaking at 1-10 %, and flat bounded scores. The reference is
+    # the exp-domain transcription in float64: in float32 its kernel p^20 underflows at K >= ~80 (absent
+    # classes near 1/K), and "uniform" keeps classes below p = 0.0057 that float32 would drop.
+    if teacher == "confusers":
+        log_p = confuser_teacher(4, K, 2048, seed=K)
+    else:
+        log_p = mask2former_like(8, K, seed=K)
+    b = present_marginal(log_p) if marginal == "present" else None
+    ref = reference_exp_domain(log_p, b=b, dtype=torch.float64)
+    share_ref = float((ref.amax(1) >= 0.95).double().mean())
+    for start, reproduces in (("reference", True), ("uniform", False)):
+        plan, _ = sinkhorn(log_p, beta=0.05, iters=3, class_marginal=marginal, scope="batch", start=start)
+        rows = float((plan.double() - ref).abs().max())
+        share = float((plan.amax(1) >= 0.95).double().mean())
+        assert (rows < 1e-3 and abs(share - share_ref) < 0.005) == reproduces, (start, rows, share, share_ref)
+
+
+def test_start_far_below_the_most_confident_pixel(monkeypatch):
+    # Flat pixels over K = 150 (p_max 0.02-0.2) next to confident ones: their start weights p_max^20 are
+    # 1e-34-1e-14 of the confident pixels', and the class sums of the classes only they hold come out at
+    # 1e-32-1e-18, decided by kernel entries at the exponent floor although the scaling v stays inside
+    # [1e-30, 1e30]. Without the accuracy check of the first class step the plan is off by 0.25-0.5 here.
+    K = 150
+    for scale, confident in ((0.3, 2000), (1.0, 200)):
+        flat = torch.randn(1, K, 200, generator=torch.Generator().manual_seed(0)).mul(scale).log_softmax(1)
+        log_p = torch.cat([segmentation_like(K, confident, present=3, seed=0), flat], 2)  # (1, K, confident + 200)
+        log_domain_steps = []
+        real = sense_ot._log_kernel
+        monkeypatch.setattr(sense_ot, "_log_kernel", lambda *a: log_domain_steps.append(1) or real(*a))
+        plan, _ = sinkhorn(log_p, scope="batch")
+        monkeypatch.undo()
+        assert log_domain_steps
+        ref = reference_exp_domain(log_p, dtype=torch.float64)
+        assert float((plan.double() - ref).abs().max()) < 1e-3
+        assert_sane(plan, torch.ones(1, confident + 200, dtype=torch.bool))
+
+
+def test_gated_labels_change_when_classes_peak_at_1_to_10_percent():
+    # The DPT recipe keeps a gated pixel's argmax while every other class stays below ~1 % everywhere, and
+    # relabels gated pixels once classes peak at 1-10 % somewhere (ot.py docstring, "What OT changes").
+    quiet = torch.cat([segmentation_like(19, 2048, present=5, seed=i) for i in range(4)])
+    assert relabelled_share(quiet) == 0.0
+    for K in (19, 150):
+        assert relabelled_share(confuser_teacher(4, K, 2048, seed=K, cover=0.02)) > 0.005
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_textbook_sinkhorn_agrees_where_finite(dtype):
+    b = torch.distributions.Dirichlet(torch.ones(19, dtype=torch.float64)).sample().to(dtype)
+    checked = 0
+    for beta, iters in ((0.05, 3), (0.2, 10), (1.0, 50)):
+        for marginal in (None, b):
+            log_p = random_log_p(1, 19, 300, scale=2.0, seed=iters, dtype=dtype)
+            textbook = sinkhorn_textbook(log_p[0], marginal, beta=beta, iters=iters)  # (K, N)
+            ours, _ = sinkhorn(log_p, beta=beta, iters=iters, class_marginal="uniform" if marginal is None else marginal)
+            finite = torch.isfinite(textbook).all(0)  # (N,) pixels where the textbook form did not break down
+            assert torch.allclose(ours[0][:, finite], textbook[:, finite], atol=1e-5 if dtype == torch.float32 else 1e-10)
+            checked += int(finite.sum())
+    assert checked > (300 if dtype == torch.float32 else 6 * 300 - 1)  # float64: finite everywhere
+    # The textbook form is the reference code's iteration: the same numbers on one image.
+    log_p = random_log_p(1, 19, 300, scale=2.0, dtype=torch.float64)
+    assert torch.allclose(sinkhorn_textbook(log_p[0]), reference_exp_domain(log_p, dtype=torch.float64)[0], atol=1e-12)
+
+
+def test_docstring_examples_run():
+    results = doctest.testmod(sense_ot, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert results.failed == 0 and results.attempted >= 10
+    commands = re.findall(r'^\s*(python -c ".*")\s*$', sense_ot.__doc__, re.M)
+    assert commands
+    for command in commands:
+        argv = shlex.split(command)
+        subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=clean_env(), check=True, capture_output=True)
+
+
+def test_ot_pseudo_labels_takes_the_recipe_explicitly():
+    parameters = inspect.signature(ot_pseudo_labels).parameters
+    assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for name in ("beta", "iters", "class_marginal", "scope", "min_prob", "tol", "start", "group"):
+        assert parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+    logits = torch.randn(2, 19, 8, 8) * 5
+    targets, _, _ = ot_pseudo_labels(logits, beta=0.05, iters=3, class_marginal="present", scope="batch")
+    plan, _ = sinkhorn(logits.log_softmax(1), beta=0.05, iters=3, class_marginal="present", scope="batch")
+    assert torch.equal(targets, plan)
 
 
 def test_reference_form_underflows_where_ours_does_not():
@@ -304,6 +462,8 @@ def test_bad_arguments_raise_clear_errors():
         sinkhorn(log_p, class_marginal=torch.ones(4))
     with pytest.raises(ValueError, match="valid"):
         sinkhorn(log_p, torch.ones(2, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="start"):
+        sinkhorn(log_p, start="ones")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,6 +519,10 @@ DIST_SCRIPT = textwrap.dedent(
     # only rank 0's pixels need log-domain pixel steps; both ranks must take them at the same iterations
     plan, stats = sinkhorn(extreme_batch()[mine], scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
     torch.save(plan, f"{store}.extreme.{rank}.pt")
+    # group=: each rank in a group of its own solves its own images alone (every rank creates every group)
+    alone = [dist.new_group([r]) for r in range(2)]
+    plan, stats = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal="present", iters=5, group=alone[rank])
+    torch.save(plan, f"{store}.group.{rank}.pt")
     dist.destroy_process_group()
     """
 )
@@ -393,6 +557,12 @@ def test_batch_scope_across_two_gloo_ranks(tmp_path):
     joined, _ = sinkhorn(extreme_batch(), scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
     parts = [torch.load(f"{store}.extreme.{r}.pt", weights_only=True) for r in range(2)]
     assert torch.allclose(torch.cat(parts), joined, atol=1e-5)
+    joined, _ = sinkhorn(log_p, valid, scope="batch", class_marginal="present", iters=5)
+    for r in range(2):
+        mine = slice(2 * r, 2 * r + 2)
+        alone, _ = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal="present", iters=5)
+        assert torch.allclose(torch.load(f"{store}.group.{r}.pt", weights_only=True), alone, atol=1e-6)
+        assert not torch.allclose(alone, joined[mine], atol=1e-3)  # so the group made the difference
 
 
 def test_gate_on_plan_gates_the_ot_rows():
