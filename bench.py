@@ -528,8 +528,8 @@ def bench_gpu(argv: list[str]) -> None:
     paper's sizes with the shares of teacher, OT and deformable attention; Sinkhorn against the exp-domain form at
     full resolution; whether the device keeps float32 denormals; GLCM throughput. One table, one JSON file.
 
-        python bench.py gpu                         # CUDA, paper sizes, bf16 (~5 minutes on one H200-class GPU)
-        python bench.py gpu --device cpu --tiny     # the same code at toy sizes (under a minute on a laptop CPU)
+        python bench.py gpu                         # CUDA, paper sizes, bf16 (5 timed steps per setup; not yet run on a GPU here)
+        python bench.py gpu --device cpu --tiny     # the same code at toy sizes (12 s on the 2-core CPU)
     """
     import json
     import math

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+import data
+
 # Where the official weight files are looked for when no path is given (next to this file).
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 # Meta's DINOv2 position-embedding resize: scale factor (h + 0.1) / M with the stored M×M grid, bicubic,
@@ -583,7 +585,6 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"
     Returns:
         path as a Path.
     """
-    import data  # the pretraining world lives with the other data
     from tqdm import tqdm
     path = Path(path)
     spec = BACKBONES["toy"]
@@ -784,7 +785,6 @@ M2F_GROUPS = 32  # GroupNorm groups of the pixel decoder's convolutions (Mask2Fo
 # head size per backbone: SENSE pairs DINOv3-L with L; smaller ViTs get the lighter S
 M2F_HEAD_SIZES = {"toy": "toy", "dinov2_s": "S", "dinov2_b": "S", "dinov2_l": "L", "dinov2_g": "L",
                   "dinov3_s": "S", "dinov3_b": "S", "dinov3_l": "L"}
-IGNORE_INDEX = 255  # unlabelled pixels (data.py's convention)
 
 
 def sine_position_encoding(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -1117,7 +1117,7 @@ def build_mask2former(backbone: nn.Module, spec: BackboneSpec, num_classes: int)
 
 # -- set loss: Hungarian matching on sampled points, CE + BCE + dice on every prediction --
 
-def semantic_to_targets(label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> list[dict]:
+def semantic_to_targets(label: torch.Tensor, num_classes: int, ignore_index: int = data.IGNORE_INDEX) -> list[dict]:
     """Turn label maps into Mask2Former targets: one binary mask per class present in an image.
 
     Args:

@@ -249,8 +249,7 @@ def sinkhorn(
     tiny = torch.finfo(dtype).tiny
     log_floor = LOG_FLOOR[dtype]
     pooled = scope == "batch"
-    s = log_p.detach().reshape(B, K, -1)  # (B, K, N) view
-    N = s.shape[-1]
+    s = log_p.detach().reshape(B, K, -1)  # (B, K, N) view, N pixels of one image
 
     # Validity: user mask and finite rows. NaN propagates through amax and ±inf shows in amax/amin.
     if valid is not None and tuple(valid.shape) != (B,) + tuple(log_p.shape[2:]):
