@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's studies on the toy world, 3 seeds each: methods, OT variants, density × fidelity, selection by
 # quality.py, synthetic scale. Two single-thread runs at a time (one per core of a 2-core CPU, where a SENSE run then
-# takes ~4.5 minutes): sections 1-3 about 100 minutes, section 4 (6× scale, the nothing-gated control) 15 more.
+# takes ~4.5 minutes): sections 1-3 about 100 minutes, section 4 (6× scale) about 10 more.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
 #   bash docs/toy_study.sh summarize       # the README's tables: runs/study/<study>.md (python eval.py --summarize)
@@ -15,7 +15,7 @@ S=runs/study
 SEEDS="0 1 2"
 
 summarize() {
-  python eval.py --summarize $S/methods/{supervised_B,supervised_2B,pseudo,soft,sense,sense_nothing_gated}_s[0-9] --per-class --out $S/methods.md
+  python eval.py --summarize $S/methods/{supervised_B,supervised_2B,pseudo,soft,sense}_s[0-9] --per-class --out $S/methods.md
   python eval.py --summarize $S/ot/{sense,plan_gate,prior,iters_100,beta_0.5}_s[0-9] --per-class --out $S/ot.md
   python eval.py --summarize $S/factors/{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] --out $S/factors.md
   python eval.py --summarize $S/select/{bottom,random,top}_s[0-9] --out $S/select.md
@@ -71,9 +71,8 @@ for s in $SEEDS; do
     echo "$S/scale/x${m}_s$s --synthetic data/toy/synthetic_x$m.txt --seed $s"
   done
 done | run_all
-# 4. last, if there is time: 6× synthetic, and SENSE with nothing gated (L_u = 0: what halving L_x alone costs)
+# 4. last, if there is time: 6× synthetic
 for s in $SEEDS; do
   echo "$S/scale/x6_s$s --synthetic data/toy/synthetic_x6.txt --seed $s"
-  echo "$S/methods/sense_nothing_gated_s$s --conf-thresh 1.01 --seed $s"
 done | run_all
 summarize
