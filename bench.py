@@ -23,6 +23,8 @@ def median_time(fn, repeats: int = 7, warmup: int = 1) -> float:
     """
     for _ in range(warmup):
         fn()
+    # Each repeat timed alone with the highest-resolution clock; the median, not the mean, so that a repeat that
+    # another process on the machine slowed down does not move the result.
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -83,7 +85,16 @@ print((status("VmHWM") - before) * 1024 / (log_p.numel() * 4))
 
 def bench_ot(argv: list[str]) -> None:
     """ot.sinkhorn (default start, uniform and present marginals) against POT looped over images and the batched
-    exp-domain form of the reference code; the exp-domain ratio is printed for each marginal."""
+    exp-domain form of the reference code; the exp-domain ratio is printed for each marginal.
+
+    Output, first table, one row per (K, iterations): our times with each marginal, the exp-domain form's, POT's in
+    float32 (with the iterations it kept before its numerical errors) and in float64, then the ratios (reference
+    time / ours: above 1 means ours is faster). Second table: one iteration's cost in read passes over the input,
+    and the peak extra memory of one call in copies of the input.
+
+    Args:
+        argv: --batch, --side, --classes, --repeats (see -h).
+    """
     import json
     import os
     import subprocess
@@ -101,6 +112,7 @@ def bench_ot(argv: list[str]) -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[19, 150, 171], help="K values (default: 19 150 171)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats, median reported (default: 7)")
     args = parser.parse_args(argv)
+    # One batch problem (scope="batch", as train.py runs it for DPT) of B images × N pixels per K.
     root = Path(__file__).resolve().parent
     B, N = args.batch, args.side**2
     print(f"B={B} N={N} torch threads={torch.get_num_threads()}; times are medians of {args.repeats} calls")
@@ -115,11 +127,14 @@ def bench_ot(argv: list[str]) -> None:
         label = torch.randint(min(K, 8), (B, N), generator=g)
         logits.scatter_add_(1, label[:, None], torch.full((B, 1, N), 8.0))
         log_p = logits.log_softmax(1)  # (B, K, N)
+        # POT in its own process (see POT_TIMER): the same tensors, through a file.
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(log_p, Path(tmp) / "log_p.pt")
             env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             pot = json.loads(subprocess.run([sys.executable, "-c", POT_TIMER, "log_p.pt", str(args.repeats)], cwd=tmp,
                                             env=env, check=True, capture_output=True, text=True).stdout)
+        # 3 iterations (the method) and 50 (the loop's own cost); both marginals of ours, the reference's form,
+        # POT in float32 and float64.
         row_time = {}
         for iters in (3, 50):
             t_uni = median_time(lambda: sinkhorn(log_p, iters=iters, scope="batch"), args.repeats)
@@ -130,12 +145,14 @@ def bench_ot(argv: list[str]) -> None:
             print(f"| {K} | {iters} | {t_uni * 1e3:.1f} | {t_pre * 1e3:.1f} | {t_ref * 1e3:.1f} | {t_pot32 * 1e3:.1f} "
                   f"[{ran32}] | {t_pot64 * 1e3:.1f} | {t_ref / t_uni:.2f}x | {t_ref / t_pre:.2f}x | {t_pot32 / t_uni:.2f}x "
                   f"| {t_pot64 / t_uni:.2f}x |")
+        # The cost of one iteration, (t(50) − t(3)) / 47, in units of one read pass over the data (x.sum()).
         x = log_p.transpose(1, 2).contiguous()  # (B, N, K)
         t_pass = median_time(lambda: x.sum(), args.repeats)
         passes[K] = (row_time[50] - row_time[3]) / 47 / t_pass
     print()
     print("| K | one iteration, in read passes over (B, N, K) | peak extra memory, uniform / present (float32 copies of the input) |")
     print("| --- | --- | --- |")
+    # Peak memory in a fresh process per marginal (see PEAK_MEMORY).
     for K in args.classes:
         peak = [float(subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(root), str(B), str(K), str(N), m],
                                      check=True, capture_output=True, text=True).stdout) for m in ("uniform", "present")]
@@ -147,7 +164,15 @@ def bench_ot(argv: list[str]) -> None:
 
 def bench_quality(argv: list[str]) -> None:
     """Images/s of quality.glcm_features vs scikit-image graycomatrix + graycoprops looped per image, and of
-    quality.compression_ratio (JPEG) vs PNG, on real-photograph tiles at 1024x2048 (skimage.data.astronaut)."""
+    quality.compression_ratio (JPEG) vs PNG, on real-photograph tiles at 1024x2048 (skimage.data.astronaut).
+
+    Output: one row per metric and implementation with images/s and the ratio to its reference. The GLCM side runs
+    with all torch threads and with one, to show what the thread pool adds. --device cuda times the torch side on a
+    GPU (the references stay on the CPU).
+
+    Args:
+        argv: --height, --width, --batch, --repeats, --device (see -h).
+    """
     import io
     import math
 
@@ -236,7 +261,16 @@ def bench_data(argv: list[str]) -> None:
     """Samples/s of data.py's labelled and synthetic pipelines vs a plain PIL + torchvision-v1 reference doing the
     same steps (rescale, pad, crop, flip, normalise; strong view: jitter, grayscale, blur), one thread as in a
     DataLoader worker, at Cityscapes (2048×1024 PNG, crop 798) and ADE20K (683×512 JPEG, crop 518) sizes.
-    Both sides draw the same random parameters from the same torch seed, so their outputs are compared directly."""
+    Both sides draw the same random parameters from the same torch seed, so their outputs are compared directly.
+
+    Output, one row per dataset and pipeline: samples/s of ours and of the reference and their ratio, then the mean
+    and standard deviation of the normalised pixels on both sides (equal: the same images) and the mean absolute
+    difference in 8-bit gray levels (0 for labelled crops; about 1 for strong views: data.py's colour table against
+    torchvision's ops one by one).
+
+    Args:
+        argv: --samples (see -h).
+    """
     import random
     import tempfile
     from pathlib import Path
@@ -261,6 +295,8 @@ def bench_data(argv: list[str]) -> None:
     def uniform(low, high):
         return low + (high - low) * torch.rand(()).item()
 
+    # Rescale the whole image (not only the crop, as data.py does), then pad with 255, crop and flip:
+    # the textbook order of the weak view's geometry.
     def reference_geometry(image, label, crop):  # PIL resize of the whole image, then pad, crop, flip
         width, height = image.size
         long_side = max(int(max(width, height) * uniform(*data.SCALE_RANGE) + 0.5), 1)
@@ -293,6 +329,7 @@ def bench_data(argv: list[str]) -> None:
         return (TF.normalize(TF.to_tensor(image), mean, std), TF.normalize(TF.to_tensor(strong), mean, std),
                 torch.from_numpy(np.array(padding)) == 255, data.cutmix_box(crop))
 
+    # Toy scenes upsampled to the datasets' sizes, with noise so that PNG and JPEG sizes are photo-like.
     def scene(size, seed):  # toy scene upsampled to the benchmark size, with photo-like noise
         image, label = data.render_toy_scene(np.random.default_rng(seed), data.TOY_SPLITS["train"])
         image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC)).astype(np.float32)
@@ -317,6 +354,7 @@ def bench_data(argv: list[str]) -> None:
         # (dataset, root, synthetic folder, crop, label table): the paper's DPT crops.
         setups = [("cityscapes", root / "cs", root / "cs/leftImg8bit", 798, None),
                   ("ade20k", root / "ade", root / "ade/images", 518, data.REDUCE_ZERO_LUT)]
+        # Header: samples/s of ours and of the reference, their ratio, and how alike their outputs are.
         print(f"data pipelines, samples/s on one thread ({args.samples} samples per side, same random draws)")
         print(f"{'dataset':<11}{'pipeline':<11}{'ours':>7}{'ref':>7}{'ratio':>7}   "
               f"{'mean ours/ref':>15}{'std ours/ref':>15}{'|diff| /255':>12}")
@@ -331,6 +369,7 @@ def bench_data(argv: list[str]) -> None:
                                                           lut if lut is not None else identity)),
                 "synthetic": (lambda i: synthetic[i % 3], lambda i: reference_synthetic(synthetic.images[i % 3], crop)),
             }
+            # Both sides get the same torch seed per half and the same sample indices, so they draw the same crops.
             for pipeline, (ours, reference) in pipelines.items():
                 timings, outputs = {"ours": 0.0, "ref": 0.0}, {"ours": [], "ref": []}
                 for side, fn in (("ours", ours), ("ref", reference)) * 2:  # interleaved halves: fair under load
@@ -386,6 +425,11 @@ class PhaseTimer:
         self.total = {}
 
     def __call__(self, name: str):
+        """A context manager that adds the wall time of its block to total[name].
+
+        The device is synchronised before the clock starts (so earlier queued work is not charged here) and before
+        it stops (so this block's queued work is). On a CPU sync is a no-op.
+        """
         import contextlib
 
         @contextlib.contextmanager
@@ -474,15 +518,21 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
     # Timed steps after the warm-up; peak memory counts from the reset above (allocated tensors, not the cache).
     timer.total = {}
     start = time.perf_counter()
-    for i in range(1, steps + 1):
+    for i in range(1, steps + 1):  # step i's EMA uses λ of step i, as in a run
         step(i)
     timer.sync()
+    # Wall time per step, and the phases' shares of it (the sum of the three is slightly below 1: the loop's own
+    # bookkeeping and the synchronisations between phases are in no phase).
     per_step = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     result = {"arch": arch, "backbone": backbone, "crop": crop, "batch": f"{batch} + {batch}", "s_per_step": per_step,
               "peak_gib": peak, "teacher_share": timer.total["teacher"] / steps / per_step,
               "ot_share": timer.total["ot"] / steps / per_step}
     if calls:
+        # Each recorded call: the module, its inputs (query, reference points, value, level shapes) and whether
+        # it ran with gradients (the student) or without (the teacher). Inputs are detached copies that ask for
+        # gradients where the call did, so the backward pass through the attention alone is timed too; the
+        # gradients it leaves on the student's parameters are cleared afterwards.
         def replay() -> None:
             for module, (query, reference, value, shapes), grad in calls:
                 with torch.set_grad_enabled(grad), autocast():
@@ -510,6 +560,8 @@ def gpu_sinkhorn_row(K: int, B: int, N: int, device, sync) -> dict:
     from ot import sinkhorn
     from tests.test_ot import reference_exp_domain
 
+    # A teacher's output: random logits plus 8 on one of the first 8 classes per pixel (softmax maxima mostly above
+    # 0.95), made on the CPU from a fixed seed so every device times the same numbers.
     g = torch.Generator().manual_seed(K)
     logits = torch.randn(B, K, N, generator=g)
     label = torch.randint(min(K, 8), (B, N), generator=g)
@@ -530,6 +582,14 @@ def bench_gpu(argv: list[str]) -> None:
 
         python bench.py gpu                         # CUDA, paper sizes, bf16 (5 timed steps per setup; not yet run on a GPU here)
         python bench.py gpu --device cpu --tiny     # the same code at toy sizes (12 s on the 2-core CPU)
+
+    The training rows use train.py's own stage functions and presets with random init and random images (speed and
+    memory do not depend on the weights); the shares are of the wall time of a step, measured with the device
+    synchronised around each phase (which itself costs a little overlap). The deformable attention's share replays
+    the recorded calls of one step alone, forward and, for the student's calls, backward.
+
+    Args:
+        argv: --device, --tiny, --steps, --json (see -h).
     """
     import json
     import math
@@ -549,6 +609,8 @@ def bench_gpu(argv: list[str]) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench.py gpu: --device cuda but no CUDA device is visible (use --device cpu --tiny for the CPU check)")
+    # The sizes of the run (--tiny: the toy world's), the timed steps, and autocast as train.py uses it: bf16 on
+    # CUDA, float32 elsewhere.
     size = "tiny" if args.tiny else "full"
     steps = args.steps or (2 if args.tiny else 5)
     amp_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -618,6 +680,7 @@ def bench_gpu(argv: list[str]) -> None:
     print(f"written: {out}")
 
 
+# `python bench.py <name>` runs BENCHES[name] with the rest of the command line; each prints its own table.
 BENCHES = {}
 BENCHES["ot"] = bench_ot
 BENCHES["quality"] = bench_quality

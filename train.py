@@ -101,6 +101,12 @@ CHANGED_COLOURS = {"unchanged": (60, 60, 60), "changed, trained on": (255, 40, 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, in five groups: data, model, method, optimisation, evaluation/system/output.
+
+    A flag left unset stays None here and takes its value from the dataset and arch presets in resolve_presets, so
+    that one set of defaults serves the toy world and the paper's datasets; the defaults written in each help text
+    are the paper's (or the reference code's, where it is what ran). given_flags keeps what the user typed.
+    """
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="toy", choices=sorted(DATASET_PRESETS), help="dataset (default: toy)")
@@ -219,7 +225,12 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
 
 
 def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every flag the user left unset from the dataset and arch presets."""
+    """Fill every flag the user left unset from the dataset and arch presets.
+
+    Order of precedence: the command line, then the toy-only choices (TOY_OPTIM, TOY_SCHEDULE) on the toy world,
+    then the arch preset (lr, head multiplier, weight decay, OT marginal), then the dataset preset (crop, batch,
+    TTA, OHEM). The resolved values are printed and saved in args.json, so a run folder says what it ran.
+    """
     ds, arch = DATASET_PRESETS[args.dataset], ARCH_PRESETS[args.arch]
     toy = args.dataset == "toy"
     args.data_root = args.data_root or f"data/{args.dataset}"
@@ -251,13 +262,21 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
-    """Poly schedule: base · (1 − step/total)^power, per iteration, no warm-up."""
+    """Poly schedule: base · (1 − step/total)^power, per iteration, no warm-up (paper: "loss & training").
+
+    Applied to every parameter group's own base rate, so the head keeps its multiple of the backbone's rate.
+    """
     return base * (1 - step / total) ** power
 
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, step: int, decay: float) -> None:
-    """EMA over parameters and floating buffers with λ = min(1 − 1/(step+1), decay)."""
+    """EMA over parameters and floating buffers with λ = min(1 − 1/(step+1), decay).
+
+    The warm-up term 1 − 1/(step+1) makes the teacher the plain mean of the students so far early on (λ = 0 at the
+    first step: the teacher becomes the student), until it reaches decay (λ_max, 0.996 in the paper). Integer buffers
+    (counters) are copied.
+    """
     lam = min(1 - 1 / (step + 1), decay)
     for t, s in zip(teacher.state_dict().values(), student.state_dict().values()):
         if t.is_floating_point():
@@ -428,7 +447,10 @@ def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float,
 
 def ddp_mean(mean: torch.Tensor, count: int, device: torch.device) -> torch.Tensor:
     """Turn a rank-local mean over `count` pixels into this rank's share of the mean over all ranks' pixels, so that
-    DDP's gradient averaging gives the gradient of the global mean (equal to one process with the whole batch)."""
+    DDP's gradient averaging gives the gradient of the global mean (equal to one process with the whole batch).
+
+    Without a process group it returns the mean unchanged; with one, every rank must call it (one all-reduce).
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return mean
     total = torch.tensor(float(count), device=device)
@@ -437,7 +459,11 @@ def ddp_mean(mean: torch.Tensor, count: int, device: torch.device) -> torch.Tens
 
 
 def split_outputs(out, n: int):
-    """Split a student output (tensor or Mask2Former dict) along the batch into the first n and the rest."""
+    """Split a student output (tensor or Mask2Former dict) along the batch into the first n and the rest.
+
+    The student runs once on [x; u_s] (stage 5): the first n entries are the real crops (L_x), the rest the strong
+    views (L_u). Mask2Former's auxiliary predictions are split the same way, one per decoder layer.
+    """
     if torch.is_tensor(out):
         return out[:n], out[n:]
     first = {k: v[:n] for k, v in out.items() if k != "aux_outputs"}
@@ -550,6 +576,8 @@ def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
 
 
 def main(argv=None) -> None:
+    """Train: set-up (prepare), then one SENSE step per iteration — stages 1–7 in sense_step, the AdamW step (8) and
+    the EMA teacher (9) here — and after each step the machinery: log, pictures, evaluation, checkpoints, stops."""
     run = prepare(parse_args(argv))  # flags, device, data, models, optimizer, resume, loaders: MACHINERY below
     args = run.args
     progress = tqdm(range(run.start, run.total), initial=run.start, total=run.total, disable=not run.is_main,
@@ -631,6 +659,7 @@ class Run:
     stop: dict = field(default_factory=lambda: {"requested": False})  # SIGTERM
 
     def autocast(self):
+        """The run's autocast context: bf16 on CUDA by default, off (float32) on a CPU."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
 
@@ -980,7 +1009,11 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class Seeded(torch.utils.data.Dataset):
-    """Runs a dataset's random augmentation under a per-sample seed, leaving the caller's RNG untouched."""
+    """Runs a dataset's random augmentation under a per-sample seed, leaving the caller's RNG untouched.
+
+    The seed comes from StepSampler with the index, so a sample's crop, flip and strong view depend only on its
+    position in the data order: the same in a worker or the main process, before or after a resume.
+    """
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
@@ -1021,6 +1054,16 @@ def collate(items: list):
 
 def make_loader(dataset, *, batch: int, start: int, steps: int, seed: int, rank: int, world: int, workers: int,
                 pin: bool) -> torch.utils.data.DataLoader:
+    """A loader of this rank's micro-batches for steps [start, steps): StepSampler's order, each sample augmented
+    under its own seed (Seeded), a sample that cannot be decoded handed back as its error (Caught, collate).
+
+    Args:
+        dataset: a LabelledDataset or SyntheticDataset.
+        batch: samples per micro-batch; start, steps: micro-batch indices (resume point, end of the run).
+        seed: the data-order seed (the synthetic stream uses seed + 1, so the two streams are independent).
+        rank, world: this process and the number of processes; workers: DataLoader worker processes.
+        pin: pinned host memory (CUDA).
+    """
     sampler = StepSampler(len(dataset), batch=batch, start=start, steps=steps, seed=seed, rank=rank, world=world)
     # A generator of its own: a DataLoader draws its workers' base seed from it, which would otherwise shift the
     # global RNG (used by the Mask2Former point sampling) and break resume = uninterrupted run.
