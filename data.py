@@ -40,6 +40,8 @@ from tqdm import tqdm
 IGNORE_INDEX = 255  # label never trained on or scored: void classes, crowd regions, padding (all three datasets)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics the DINOv2/DINOv3 backbones were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The weak view is rescale + crop + flip; the strong view shares that geometry and adds jitter, grayscale, blur
+# and CutMix. The paper does not ablate these values, so they stay constants here rather than flags.
 SCALE_RANGE = (0.5, 2.0)  # random rescale factor of the long side (SENSE / UniMatch reference code)
 FLIP_P = 0.5  # horizontal flip probability (reference code)
 JITTER = (0.5, 0.5, 0.5, 0.25)  # strong view: brightness, contrast, saturation, hue strengths (reference code)
@@ -58,6 +60,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # ----------------------------------------------------------------------------------------------------------------
 # Class names and palettes (the ecosystem's usual ones: mmsegmentation / detectron2 order)
 
+# Cityscapes: the 19 evaluated classes in trainId order (0 road ... 18 bicycle); 11 person onwards are things.
 CITYSCAPES_CLASSES = (
     'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign', 'vegetation',
     'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train', 'motorcycle', 'bicycle',
@@ -67,6 +70,8 @@ CITYSCAPES_PALETTE = (
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
     (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
 )
+# ADE20K (SceneParsing, ADEChallengeData2016): 150 classes; train id k is raw mask value k + 1 after the
+# zero-label reduction, raw 0 ("other") being ignored.
 ADE20K_CLASSES = (
     'wall', 'building', 'sky', 'floor', 'tree', 'ceiling', 'road', 'bed', 'windowpane', 'grass', 'cabinet',
     'sidewalk', 'person', 'earth', 'door', 'table', 'mountain', 'plant', 'curtain', 'chair', 'car', 'water',
@@ -108,6 +113,7 @@ ADE20K_PALETTE = (
     (71, 0, 255), (122, 0, 255), (0, 255, 184), (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0),
     (25, 194, 194), (102, 255, 0), (92, 0, 255),
 )
+# COCO-81: background (train id 0) plus the 80 thing classes of the instance annotations, in category-id order.
 COCO_CLASSES = (
     'background', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat',
     'traffic light', 'fire hydrant', 'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse',
@@ -119,6 +125,8 @@ COCO_CLASSES = (
     'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'book', 'clock', 'vase', 'scissors',
     'teddy bear', 'hair drier', 'toothbrush',
 )
+# The original category id of each COCO-81 class: ids run 1..90 with ten unused (12, 26, 29, 30, 45, 66, 68, 69,
+# 71, 83), so a train id is the position in this tuple, never the category id itself.
 COCO_CATEGORY_IDS = (
     0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
     33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60,
@@ -129,6 +137,8 @@ CITYSCAPES_ID_TO_TRAIN_ID = {
     7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13, 27: 14,
     28: 15, 31: 16, 32: 17, 33: 18,
 }
+# The toy world's classes mirror a street scene's split into stuff (amorphous regions) and things (countable
+# objects), so per-class results read like Cityscapes' stuff/thing rows.
 TOY_CLASSES = ("sky", "grass", "road", "ball", "crate", "cone", "sign")  # 3 stuff classes, then 4 thing classes
 TOY_PALETTE = ((70, 130, 180), (107, 142, 35), (128, 64, 128), (220, 20, 60), (160, 110, 50), (250, 170, 30),
                (0, 0, 142))
@@ -141,6 +151,8 @@ def _bit_palette(num_colours: int) -> tuple[tuple[int, int, int], ...]:
     for index in range(num_colours):
         red = green = blue = 0
         bits = index
+        # bit 0 of the index goes to red's top bit, bit 1 to green's, bit 2 to blue's, then the next three bits
+        # one place lower: nearby indices differ in the brightest bits, so their colours are far apart
         for shift in range(7, -1, -1):
             red |= (bits & 1) << shift
             green |= ((bits >> 1) & 1) << shift
@@ -252,6 +264,7 @@ def _open_label(path: Path) -> Image.Image:
         raise DataError(f"{path}: label must be a one-channel image of class ids, got mode {label.mode} "
                         "(a colour visualisation such as *_gtFine_color.png?)")
     values = np.asarray(label)
+    # other one-band modes (I;16, I, F): 16/32-bit integer or float masks, accepted when the values are 8-bit ids
     if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):  # mode F: a cast would truncate
         raise DataError(f"{path}: label values are not whole numbers (a float image, expected class ids)")
     if values.min() < 0 or values.max() > 255:
@@ -291,6 +304,8 @@ def _to_train_ids(label: Image.Image, spec: DatasetSpec, path: Path,
                             f"0..{CITYSCAPES_NUM_IDS - 1} or {IGNORE_INDEX} in a *_labelIds.png)")
     if table is not None:
         label = label.point(table.tolist())
+    # After conversion every value must be a train id or ignore: K..254 means a file encoded for another dataset
+    # or another conversion, which would otherwise index past the logits or train silently as the wrong class.
     counts = label.histogram()
     bad = [value for value in range(spec.num_classes, IGNORE_INDEX) if counts[value]]
     if bad:
@@ -343,6 +358,8 @@ def _parse_split(path: Path) -> tuple[list[tuple[Path, Path | None]], list[str]]
         raise DataError(f"{path}: split file not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: unreadable split file ({error})") from None
+    # first_line: image -> line number of its first listing; problems are collected, not raised, so that
+    # `python data.py check` can list every bad line while read_split stops at the first.
     samples, problems, first_line = [], [], {}
     for number, line in enumerate(text.splitlines(), 1):
         fields = line.split()
@@ -356,6 +373,7 @@ def _parse_split(path: Path) -> tuple[list[tuple[Path, Path | None]], list[str]]
             problems.append(f"{path}:{number}: {fields[0]} is listed again (first on line {first_line[image]})")
             continue
         first_line[image] = number
+        # paths resolve against the split file's folder, so a dataset root can be moved or mounted elsewhere
         samples.append((image, path.parent / fields[1] if len(fields) == 2 else None))
     return samples, problems
 
@@ -402,6 +420,7 @@ def write_split(path: str | Path, samples: list[tuple[Path, Path | None]]) -> No
     base = path.parent.resolve()
 
     def relative(file: Path) -> str:
+        """Relative to the split file's folder when below it (the pair moves together), else absolute."""
         file = file.resolve()
         return (file.relative_to(base) if file.is_relative_to(base) else file).as_posix()
 
@@ -420,10 +439,12 @@ def _cityscapes_samples(root: Path, split: str) -> tuple[list[tuple[Path, Path |
     if not (root / "gtFine" / split).is_dir():
         raise DataError(f"{root / 'gtFine' / split}: missing (expected gtFine/{split}/<city>/*_gtFine_labelIds.png)")
     samples, problems = [], []
+    # one folder per city; the label shares the image's <city>_<sequence>_<frame> stem
     for image in sorted((root / "leftImg8bit" / split).glob("*/*_leftImg8bit.png")):
         stem = image.name[: -len("_leftImg8bit.png")]
         label_dir = root / "gtFine" / split / image.parent.name
         candidates = [label_dir / f"{stem}_gtFine_labelTrainIds.png", label_dir / f"{stem}_gtFine_labelIds.png"]
+        # trainIds first: converted once by cityscapesScripts, they need no table when read
         label = next((file for file in candidates if file.is_file()), None)
         if label is None:
             problems.append(f"{image}: no label, expected {candidates[1]} or {candidates[0].name}")
@@ -467,6 +488,7 @@ LAYOUT_SPLITS = ("train", "val")  # the splits a real root's standard layout def
 
 
 def _image_dir(dataset: str, root: Path, split: str) -> Path:
+    """The folder holding a layout split's images (train/val); whether it exists says if the split is there."""
     if dataset == "cityscapes":
         return root / "leftImg8bit" / split
     if dataset == "ade20k":
@@ -514,6 +536,7 @@ def prepare_root(dataset: str, root: str | Path) -> Path:
             make_toy_world(root)
         return root
     _check_layout(spec, root)
+    # only missing split files are written: one already there (a labelled subset, a custom list) is the user's
     for split in LAYOUT_SPLITS:
         listed = _layout_split(spec, root, split)
         if listed is None:
@@ -546,6 +569,7 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
     except ImportError:
         raise DataError("prepare-coco needs pycocotools: pip install pycocotools") from None
     root = Path(root)
+    # COCO category id (1..90, with gaps) -> train id 1..80; 0 stays background
     class_of = {category: index for index, category in enumerate(COCO_CATEGORY_IDS) if index > 0}
     annotation_files = [root / "annotations" / f"instances_{split}2017.json" for split in splits]
     if not any(file.is_file() for file in annotation_files):
@@ -559,6 +583,7 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
                 coco = COCO(str(file))
         except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"{file}: not a COCO instances file ({error})") from None
+        # one mask per image, named after the image file so _coco_samples pairs them by stem
         for image_id in tqdm(sorted(coco.imgs), desc=file.name, leave=False):
             info = coco.imgs[image_id]
             out = root / "masks" / f"{Path(info['file_name']).stem}.png"
@@ -566,6 +591,7 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
                 continue
             mask = np.zeros((info["height"], info["width"]), np.uint8)  # (H, W), 0 = background
             annotations = coco.imgToAnns.get(image_id, [])
+            # painter's order: crowds first, then instances largest first, so later (smaller) ones stay on top
             for annotation in sorted(annotations, key=lambda a: (not a.get("iscrowd", 0), -a.get("area", 0))):
                 if annotation["category_id"] not in class_of:
                     raise DataError(f"{file}: annotation {annotation.get('id')} has category id "
@@ -638,6 +664,7 @@ def _coverage(distance: np.ndarray, softness: float) -> np.ndarray:
 def _smooth_noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     """(size, size) float32 noise with features about `cell` px wide (a coarse random grid upsampled bicubically),
     rescaled to unit standard deviation."""
+    # 2 spare cells: the box keeps the output between the coarse grid's cell centres, off its clamped border
     coarse = rng.standard_normal((int(size / cell) + 2,) * 2, dtype=np.float32)
     noise = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC, box=(
         0.5, 0.5, coarse.shape[1] - 1.5, coarse.shape[0] - 1.5)))
@@ -668,8 +695,10 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     Returns None when the thing lies outside the image.
     """
     full = fine_noise.shape[0]
+    # the centre may lie a little past either side, so some things are cut by the frame, as in photos
     cx = rng.uniform(-0.05, 1.05) * full
     name = TOY_CLASSES[cls]
+    # half extents and centre per class; all but the sign stand with their lowest point on the ground line
     if name == "ball":
         radius = 0.55 * size
         cy = ground - radius
@@ -683,6 +712,8 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     else:
         half_w = half_h = 0.6 * size
         cy = ground - 1.6 * size  # the sign floats above the ground on an unseen pole
+    # the window: the bounding box plus a 3-4 px margin for the soft edge ramp (softness ≤ 4 px), clipped to the
+    # image; the shape is evaluated there only, not over the whole image
     x0, x1 = max(int(cx - half_w) - 3, 0), min(int(cx + half_w) + 4, full)
     y0, y1 = max(int(cy - half_h) - 3, 0), min(int(cy + half_h) + 4, full)
     if x0 >= x1 or y0 >= y1:
@@ -691,6 +722,7 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     dx, dy = x - cx, y - cy
     noise = fine_noise[y0:y1, x0:x1, None] * detail  # (h, w, 1)
     if name == "ball":
+        # a disc lit from the upper left: darker away from the light, a glint near it, 6 segments turned at random
         distance = np.hypot(dx, dy) - radius
         shade = 1 - 0.5 * np.clip(np.hypot(dx + 0.35 * radius, dy + 0.35 * radius) / (1.6 * radius), 0, 1)
         glint = 90 * detail * np.exp(-((dx + 0.3 * radius) ** 2 + (dy + 0.3 * radius) ** 2) / (0.05 * radius ** 2))
@@ -699,6 +731,7 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
         light = base + (255 - base) * 0.8 * detail * sector  # a beach ball: light and coloured segments
         colour = light * shade[..., None] + glint[..., None] + 6 * noise
     elif name == "crate":
+        # an axis-aligned box (the L∞ distance) of horizontal planks 5-8 px tall
         distance = np.maximum(np.abs(dx) - half_w, np.abs(dy) - half_h)
         planks = 1 - 0.55 * detail * (np.floor((y - cy) / rng.uniform(5, 8)) % 2)  # dark gaps between planks
         rim = np.where(distance > -1.5, 1 - 0.5 * detail, 1.0)  # dark frame along the edge
@@ -707,13 +740,16 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     elif name == "cone":
         top = cy - half_h
         slope = half_w / (2 * half_h)  # half-width grows by this per pixel down from the apex
+        # divided by √(1 + slope²): a Euclidean distance, so the slanted sides get the same edge ramp as the base
         side = (np.abs(dx) - slope * (y - top)) / math.hypot(1, slope)
         distance = np.maximum(side, np.abs(dy) - half_h)
+        # a white band across the 45-75 % part of each third of the height
         band = (((y - top) / (2 * half_h) * 3) % 1 > 0.45) & (((y - top) / (2 * half_h) * 3) % 1 < 0.75)
         base = _any_colour(rng)
         white = np.array([240, 240, 235], np.float32)
         colour = base + (white - base) * (detail * band)[..., None] + 6 * noise
     else:
+        # sign: a diamond (the L1 ball, / √2 to be Euclidean across its edges) with a 5 px checker
         distance = (np.abs(dx) + np.abs(dy) - half_w) / math.sqrt(2)
         checker = ((np.floor((x - cx) / 5) + np.floor((y - cy) / 5)) % 2)[..., None]
         base = _any_colour(rng)
@@ -742,7 +778,10 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
     """
     y, x = _pixel_grid(size)  # (S, S) pixel centres
     fine = rng.standard_normal((size, size), dtype=np.float32)  # (S, S) per-pixel texture noise
+    # `fine` carries the per-pixel texture that the coarse splits damp (knobs.detail); `mid` (3 px) and `low`
+    # (16 px) are shading that every split keeps
     mid, low = _smooth_noise(rng, size, 3), _smooth_noise(rng, size, 16)
+    # horizon between 1/4 and 1/2 of the height, waved by up to 5 % of the side so it is not one image row
     horizon_level = size * rng.uniform(0.25, 0.5)
     horizon = horizon_level + size * rng.uniform(0, 0.05) * np.sin(
         2 * np.pi * x[0] / (size * rng.uniform(0.5, 1.5)) + rng.uniform(0, 2 * np.pi))  # (S,) per column
@@ -753,6 +792,8 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
     grass = (_colour(rng, (75, 135, 50), 8)
              + (22 * knobs.detail * fine + 10 * mid + 12 * low)[..., None] * np.array([0.7, 1.0, 0.5], np.float32))
     image = grass  # (S, S, 3) float
+    # most scenes have a road: half-width 1 px at the horizon, widening towards the bottom while its centre
+    # drifts sideways, as a road seen from a car does
     if rng.random() < 0.8:
         centre = size * rng.uniform(0.3, 0.7) + depth * size * rng.uniform(-0.4, 0.4)
         road_distance = np.abs(x - centre) - (1 + depth * size * rng.uniform(0.25, 0.5))
@@ -769,6 +810,8 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
 
     # 2. things, far (near the horizon) to near (bottom) so nearer things occlude farther ones
     count = int(rng.integers(knobs.objects[0], knobs.objects[1] + 1))
+    # ground lines from just below the horizon to 10 % past the bottom edge; a thing's size grows with its
+    # nearness from 12 % to 36 % of the side (perspective), times the split's scale
     grounds = np.sort(rng.uniform(horizon_level + 0.05 * size, 1.1 * size, count))
     for ground in grounds:
         cls = int(rng.integers(TOY_NUM_STUFF, len(TOY_CLASSES)))
@@ -779,6 +822,8 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
             continue
         window, distance, colour = drawn
         image[window] += (colour - image[window]) * _coverage(distance, knobs.softness)[..., None]
+        # label[window] is a view, so the write lands in label; the label takes the hard edge (distance < 0)
+        # whatever the image's softness: a coarse image keeps a sharp true layout
         label[window][distance < 0] = cls
 
     # 3. appearance: exposure and noise for real images; a warmer, brighter, cleaner look for synthetic ones
@@ -829,10 +874,14 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
     for split_index, (split, knobs) in enumerate(TOY_SPLITS.items()):
         lines = []
         for index in range(counts[split]):
+            # one generator per image: image i is the same whatever the counts, so a small test world holds
+            # the first images of the full one
             image, label = render_toy_scene(np.random.default_rng([seed, split_index, index]), knobs)
             image_file, label_file, truth_file = _toy_files(split, index)
             _atomic_write(root / image_file, lambda temporary, image=image: Image.fromarray(image).save(
                 temporary, format="JPEG", quality=TOY_JPEG_QUALITY, subsampling=0))
+            # synthetic images get no label line: their layout goes to synthetic_truth/, read only to measure
+            # pseudo-labels, never to train
             _save_png(label, root / (label_file or truth_file))
             lines.append(f"{image_file} {label_file}" if label_file else image_file)
             progress.update()
@@ -870,6 +919,8 @@ def truth_path(image: str | Path) -> Path | None:
     """Where the true layout of a synthetic image is stored: its path with the last `synthetic` folder renamed
     `synthetic_truth` and a .png suffix (the toy world's convention), or None when the path has no such folder."""
     parts = list(Path(image).parts)
+    # from the innermost folder outwards (the file name itself excluded): a root that lies under some other folder
+    # called `synthetic` still maps to its own synthetic_truth/
     for position in range(len(parts) - 2, -1, -1):
         if parts[position] == "synthetic":
             parts[position] = "synthetic_truth"
@@ -962,6 +1013,9 @@ def render_pretrain_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarr
     """One image of the pretraining world: 1-3 textured regions split by straight lines, then 1-5 shapes, each
     filled with a texture that says nothing about its class.
 
+    Args:
+        rng: numpy generator of this image.
+        size: image side S.
     Returns:
         image (size, size, 3) uint8 RGB, label (size, size) uint8 indices of PRETRAIN_CLASSES.
     """
@@ -975,6 +1029,8 @@ def render_pretrain_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarr
         kind = int(rng.integers(PRETRAIN_TEXTURES))
         image += (_texture(rng, kind, grid) - image) * _coverage(side, 1.0)[..., None]
         label[side < 0] = kind
+    # a shape's class shows in its outline only (its fill is a background texture, its edge 1-3 px soft): the
+    # backbone has to learn shapes and edges, not only textures, as the toy world's things then ask of it
     for _ in range(int(rng.integers(1, 6))):
         kind = int(rng.integers(PRETRAIN_TEXTURES, len(PRETRAIN_CLASSES)))
         distance = _pretrain_shape(rng, kind, grid)
@@ -996,6 +1052,7 @@ def normalize(images: np.ndarray) -> torch.Tensor:
 # RNG state saved in checkpoints then make every crop reproducible.
 
 def _uniform(low: float, high: float) -> float:
+    """A float uniform in [low, high) from torch's global generator."""
     return low + (high - low) * torch.rand(()).item()
 
 
@@ -1021,6 +1078,8 @@ def _sample_crop(size: tuple[int, int], crop_size: int) -> _Crop:
         new_w, new_h = long_side, max(int(height * long_side / width + 0.5), 1)
     else:
         new_w, new_h = max(int(width * long_side / height + 0.5), 1), long_side
+    # the offset is uniform over the positions that keep the crop inside the resized image; a side shorter than
+    # the crop gets offset 0 and padding with ignore, as the reference code pads before cropping
     left = int(torch.randint(0, max(new_w - crop_size, 0) + 1, ()))
     top = int(torch.randint(0, max(new_h - crop_size, 0) + 1, ()))
     flip = torch.rand(()).item() < FLIP_P
@@ -1082,6 +1141,7 @@ def _ignore_mask(crop: _Crop) -> torch.Tensor:
 
 
 def _gray(points: np.ndarray) -> np.ndarray:
+    """(N, 3) RGB points -> (N,) luma, the gray level that grayscale and the saturation/contrast blends use."""
     return points @ np.array(GRAY_WEIGHTS, np.float32)  # (N,)
 
 
@@ -1112,6 +1172,8 @@ def _colour_table(ops: list[tuple[str, float]], region: Image.Image) -> ImageFil
     stride = max(1, int(math.sqrt(region.width * region.height / 4096)))
     sample = np.asarray(region)[::stride, ::stride].reshape(-1, 3).astype(np.float32)  # (~4096, 3)
     points = np.concatenate([lattice, sample])  # (N, 3) float
+    # lattice and sample pass through the ops together: the sample only supplies the image mean that contrast
+    # blends towards, the lattice rows become the table
     for name, factor in ops:
         if name == "brightness":
             points = points * factor
@@ -1133,6 +1195,7 @@ def _strong_draws() -> tuple[list[tuple[str, float]], float | None]:
     """The strong view's random draws, in one fixed order from torch's global generator: the colour ops to apply
     (jitter p 0.8 in torchvision's random order, then grayscale p 0.2) and the blur σ (None = no blur, p 0.5)."""
     ops = []
+    # factor ranges as torchvision's ColorJitter: [max(0, 1 - s), 1 + s] for the first three, ±s turns for hue
     if torch.rand(()).item() < JITTER_P:
         order = torch.randperm(4).tolist()
         brightness, contrast, saturation = (_uniform(max(0.0, 1 - s), 1 + s) for s in JITTER[:3])
@@ -1189,6 +1252,8 @@ def cutmix_box(crop_size: int, p: float = CUTMIX_P) -> torch.Tensor:
     if torch.rand(()).item() >= p:
         return mask
     area = _uniform(*CUTMIX_AREA) * crop_size * crop_size
+    # rejection sampling, as the reference code: the area is drawn once, aspect and corner again until the box
+    # fits, so the accepted corner is uniform over the positions where it fits
     while True:
         aspect = _uniform(*CUTMIX_ASPECT)
         box_w, box_h = int(math.sqrt(area / aspect)), int(math.sqrt(area * aspect))
@@ -1229,6 +1294,7 @@ class LabelledDataset(torch.utils.data.Dataset):
             reduce_zero_label: override the dataset's zero-label reduction (False for already reduced ADE20K masks).
         """
         self.spec = get_spec(dataset)
+        # evaluation reads full images at their own size, so only training needs a crop that tiles into patches
         self.crop_size = _check_crop(crop_size, patch_size) if train else crop_size
         self.train, self.reduce_zero_label = train, reduce_zero_label
         path = split_path(dataset, prepare_root(dataset, root), split)
@@ -1267,8 +1333,10 @@ def synthetic_images(source: str | Path) -> list[Path]:
         Image paths (sorted for folders, file order otherwise).
     """
     source = Path(source)
+    # a folder: every image file below it, in a fixed order whatever the file system lists first
     if source.is_dir():
         images = sorted(file for file in source.rglob("*") if file.suffix.lower() in IMAGE_SUFFIXES and file.is_file())
+    # generate.py's manifest: the `file` of each record; the other keys (prompt, seed, ...) are not needed here
     elif source.suffix == ".jsonl" and source.is_file():
         first_line = {}  # image -> line: a repeated record would weight its image twice without a word
         for number, line in enumerate(source.read_text().splitlines(), 1):
@@ -1282,6 +1350,7 @@ def synthetic_images(source: str | Path) -> list[Path]:
                 raise DataError(f"{source}:{number}: {image} is listed again (first on line {first_line[image]})")
             first_line[image] = number
         images = list(first_line)
+    # a split file: its image column; a label column, if any, is not read (synthetic images train without one)
     elif source.suffix == ".txt" and source.is_file():
         images = [image for image, _ in read_split(source)]
     elif not source.exists():
@@ -1322,6 +1391,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         path, size = self.images[index], self.crop_size
         image = _open_image(path)
+        # one crop for both views, so the teacher's pseudo-label from the weak view lines up pixel for pixel with
+        # the student's strong view; only colour and blur differ between them
         crop = _sample_crop(image.size, size)
         region = _resized_region(image, crop, Image.BILINEAR)  # shared geometry of both views
         image_w = _image_tensor(region, crop)  # (3, c, c)
@@ -1373,6 +1444,7 @@ def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
     the scan: a user fixing a dataset sees them all in one pass."""
     stats = {"samples": 0, "labelled": 0, "decoded": 0, "sizes": Counter(), "pixels": np.zeros(256, np.int64),
              "images_with": np.zeros(256, np.int64)}
+    # 1. the sample list: a problem here (no root, no split file) ends the scan, as there is nothing to decode
     try:
         spec, root = get_spec(dataset), Path(root)
         if spec.name == "toy":
@@ -1391,20 +1463,24 @@ def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
         return [f"{path}: split file lists no images"], stats
     if listed is not None and not problems:
         write_split(path, samples)  # what prepare_root writes, so that training finds it
+    # 2. the split as a whole: a split file that labels some lines and not others was most likely cut or mis-merged
     stats["samples"] = len(samples)
     labelled = [label is not None for _, label in samples]
     stats["labelled"] = sum(labelled)
     if listed is None and any(labelled) and not all(labelled):
         first = samples[labelled.index(False)][0]
         problems.append(f"{path}: {len(labelled) - sum(labelled)} lines without a label, first {first}")
+    # 3. every listed file exists (cheap, always all of them); only files that exist are decoded
     present = []
     for image, label in samples:
         missing = [file for file in (image, label) if file is not None and not file.is_file()]
         problems += [f"{file}: missing (listed in {path})" for file in missing]
         if not missing:
             present.append((image, label))
+    # quick: QUICK_SAMPLES samples evenly spaced from the first to the last, not the first few of one folder
     if quick and len(present) > QUICK_SAMPLES:
         present = [present[round(i * (len(present) - 1) / (QUICK_SAMPLES - 1))] for i in range(QUICK_SAMPLES)]
+    # 4. decode each sample and gather the summary's statistics
     # decoding is mostly in C with the GIL released: threads use the cores without pickling images
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda sample: _check_sample(spec, *sample, reduce_zero_label), present)
@@ -1485,6 +1561,7 @@ def colorize(label: np.ndarray, palette: tuple[tuple[int, int, int], ...]) -> np
     Returns:
         (H, W, 3) uint8; ignore and values without a colour are black.
     """
+    # a 256-entry table: 255 and any id past the palette index black rows instead of failing
     table = np.zeros((256, 3), np.uint8)
     table[:len(palette)] = palette
     return table[np.asarray(label).astype(np.int64).clip(0, 255)]
@@ -1499,6 +1576,7 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
         (H, W, 3) or (B, H, W, 3) uint8 numpy array.
     """
     image = image.detach().float().cpu()
+    # x·std + mean in [0, 1], from the same two constants the forward normalisation uses, then back to 0..255
     pixels = (image * _NORM_SCALE.reciprocal() / 255 + _NORM_SHIFT / _NORM_SCALE / 255) * 255
     return pixels.round().clamp(0, 255).to(torch.uint8).movedim(-3, -1).numpy()
 
@@ -1507,13 +1585,16 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
 # Command line
 
 def main() -> None:
+    """Command line: `toy`, `check` and `prepare-coco` (see the file docstring); DataError exits with its one line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    # toy: write the toy world, optionally with a picture of it
     toy = commands.add_parser("toy", help="generate the toy world (and optionally a preview picture)")
     toy.add_argument("--root", default="data/toy", help="output folder (default: data/toy)")
     toy.add_argument("--seed", type=int, default=TOY_SEED, help=f"world seed (default: {TOY_SEED})")
     toy.add_argument("--force", action="store_true", help="regenerate even if a toy world is there")
     toy.add_argument("--preview", help="save a grid of real / synthetic samples with coloured labels to this PNG")
+    # check: validate a split of any registered dataset
     check = commands.add_parser("check", help="validate a dataset split; non-zero exit status on any problem")
     check.add_argument("--dataset", default="toy", choices=sorted(DATASETS), help="dataset (default: toy)")
     check.add_argument("--root", help="dataset root (default: data/<dataset>)")
@@ -1521,10 +1602,12 @@ def main() -> None:
     check.add_argument("--quick", action="store_true", help="decode only a few samples (what training runs at start)")
     check.add_argument("--ade-reduced", action="store_true",
                        help="ADE20K masks are already reduced (0..149, 255 ignore) (default: raw 0..150)")
+    # prepare-coco: render the semantic masks the coco layout expects
     coco = commands.add_parser("prepare-coco", help="render COCO-81 masks/<id>.png from the instance annotations")
     coco.add_argument("--root", required=True, help="COCO root with annotations/instances_{train,val}2017.json")
     coco.add_argument("--overwrite", action="store_true", help="re-render existing masks (default: skip them)")
     args = parser.parse_args()
+    # a DataError already names the file or flag at fault: print that line and exit 1, without a traceback
     try:
         if args.command == "toy":
             if args.force or not toy_world_exists(args.root):
@@ -1534,6 +1617,7 @@ def main() -> None:
                 print(f"toy world already at {args.root} (--force regenerates it)")
             if args.preview:
                 print(f"preview: {toy_preview(args.root, args.preview)}")
+        # check: every split is scanned in full before the exit status is decided, so one run lists all problems
         elif args.command == "check":
             root = args.root or f"data/{args.dataset}"
             reduce = False if args.ade_reduced else None

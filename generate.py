@@ -168,6 +168,7 @@ def load_prompts(path: Path) -> list[dict]:
             source = record.get("source", record.get("file_name")) if isinstance(record, dict) else None
             if not isinstance(source, str) or not isinstance(record.get("text"), str):
                 raise SystemExit(f"{path}:{line_no}: expected keys 'file_name' (or 'source') and 'text' with strings")
+            # `file_name` (reference captions) becomes `source`; any other key of the line is kept as it is
             prompts.append({**{k: v for k, v in record.items() if k != "file_name"}, "source": source})
     if not prompts:
         raise SystemExit(f"{path}: no prompts in the file")
@@ -276,13 +277,16 @@ def label_statistics(dataset: str, root: Path) -> dict:
         height, width = label.shape
         rows, cols = np.indices(label.shape)  # (H, W) each
         flat = label.ravel().astype(np.int64)
+        # one bincount each for pixel counts and row / column sums: class k's centroid is (row_sum, col_sum) / pixels
         pixels = np.bincount(flat, minlength=256)[:num_classes]  # (K,) pixels per class; 255 dropped
         row_sum = np.bincount(flat, weights=rows.ravel(), minlength=256)[:num_classes]  # (K,)
         col_sum = np.bincount(flat, weights=cols.ravel(), minlength=256)[:num_classes]  # (K,)
         present = pixels >= max(MIN_CLASS_FRACTION * pixels.sum(), 1)  # (K,) bool
         idx = np.flatnonzero(present)
+        # image counts, not pixel counts: a class present in an image counts once, however much of it it covers
         frequency[idx] += 1
         cooccurrence[np.ix_(idx, idx)] += 1
+        # centroid -> its cell of the 3x3 grid, 0..2 per axis (the minimum guards the last row and column)
         cell_row = np.minimum((3 * row_sum[idx] / pixels[idx] / height).astype(int), 2)
         cell_col = np.minimum((3 * col_sum[idx] / pixels[idx] / width).astype(int), 2)
         position[idx, cell_row, cell_col] += 1
@@ -324,6 +328,7 @@ def build_prompts(stats: dict, classes: tuple[str, ...], *, kind: str, num: int,
     prompts = []
     for i in range(num):
         target = int(rng.integers(lo, hi + 1))
+        # the first class by image frequency, so frequent classes lead as often as they do in the real images
         chosen = [int(rng.choice(len(classes), p=frequency / frequency.sum()))]
         weights = frequency > 0  # (K,) candidates
         while len(chosen) < target:
@@ -332,12 +337,14 @@ def build_prompts(stats: dict, classes: tuple[str, ...], *, kind: str, num: int,
             if weights.sum() <= 0:
                 break
             chosen.append(int(rng.choice(len(classes), p=weights / weights.sum())))
+        # each class's spatial word follows where it lies in the real images (road at the bottom, sky at the top)
         parts = []
         for k in chosen:
             cells = stats["position"][k].ravel().astype(np.float64)  # (9,)
             cell = int(rng.choice(9, p=cells / cells.sum()))
             parts.append(f"{class_phrase(classes[k])} {SPATIAL_WORDS[cell // 3][cell % 3]}")
         listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        # one template for both kinds: the density words and the number of classes set dense and sparse apart
         text = f"A realistic photo of {scene}, {DENSITY_WORDS[kind]}: {listing}."
         prompts.append({"source": f"{kind}_{i:06d}.png", "text": text, "classes": [classes[k] for k in chosen]})
     return prompts
@@ -363,10 +370,12 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     """`prompts`: import captions or build label-statistics prompts, count tokens, write the JSONL."""
     if (args.captions is None) == (args.dataset is None):
         raise SystemExit("prompts: give exactly one of --captions FILE or --dataset NAME")
+    # captions: one prompt per real image, only source and text kept (the prompts of the main results' 2x sets)
     if args.captions is not None:
         prompts = [{"source": p["source"], "text": p["text"]} for p in load_prompts(args.captions)]
         check_unique_names(prompts, args.captions)
         origin = str(args.captions)
+    # label statistics: the composition factor, one prompt per labelled image unless --num says otherwise
     else:
         root = args.data_root or Path("data") / args.dataset
         stats = label_statistics(args.dataset, root)
@@ -377,6 +386,7 @@ def cmd_prompts(args: argparse.Namespace) -> None:
         prompts = build_prompts(stats, data.DATASETS[args.dataset].classes, kind=args.kind, num=num,
                                 seed=args.seed, scene=scene)
         origin = f"{args.kind} prompts from {stats['num_images']} {args.dataset} labels, seed {args.seed}"
+    # both sources go through the same token count and T5 cut before anything is written
     tokenizers = load_tokenizers(args.tokenizers) if args.tokenizers else None
     over_clip, over_t5 = count_and_truncate(prompts, tokenizers)
     write_jsonl_atomic(args.out, prompts)
@@ -407,6 +417,7 @@ def load_pipeline(model: str, *, dtype: torch.dtype, device: torch.device, offlo
         from diffusers import FluxPipeline
     except ImportError:
         raise SystemExit("generate.py images needs diffusers: pip install diffusers transformers") from None
+    # a path-like name (./, /, ~, or two slashes) not on disk is a mistyped folder: say so before the hub is tried
     if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
         raise SystemExit(f"--model {model}: folder not found (a hub id looks like black-forest-labs/FLUX.1-dev)")
     if offload != "none":
@@ -468,6 +479,7 @@ def write_manifest(out: Path, split: str) -> int:
     records = []
     for folder in sorted(p for p in out.glob("*_seed*") if p.is_dir()):
         for path in sorted(folder.glob("*.png")):
+            # only images that carry a record are listed: a PNG copied in by hand is left out
             record = read_record(path)
             if record is not None:
                 records.append({**record, "file": path.relative_to(out).as_posix()})
@@ -495,6 +507,7 @@ def cmd_images(args: argparse.Namespace) -> None:
         raise SystemExit(f"--generator {args.generator}: expected a folder-name word (letters, digits, . _ + -)")
     shard, num_shards = resolve_shard(args.shard)
     device = pick_device(args.device)
+    # auto: bfloat16 on CUDA, the dtype Flux's weights are published in; float32 on CPU and MPS
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
 
@@ -505,9 +518,11 @@ def cmd_images(args: argparse.Namespace) -> None:
     mine = work[shard::num_shards]
 
     def target(seed: int, prompt: dict) -> Path:
+        """Final path of one (seed, prompt) image: <out>/<generator>_seed<k>/<source stem>.png."""
         return args.out / f"{args.generator}_seed{seed}" / output_name(prompt["source"])
 
     def record(seed: int, prompt: dict) -> dict:
+        """The manifest record of one image, also stored in its PNG and compared on resume."""
         return {"prompt": prompt["text"], "seed": seed, "model": args.model, "height": height, "width": width,
                 "steps": args.steps, "guidance": args.guidance, "source": prompt["source"],
                 "file": target(seed, prompt).relative_to(args.out).as_posix()}
