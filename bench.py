@@ -257,6 +257,35 @@ def bench_quality(argv: list[str]) -> None:
           f"{t_png / t_jpeg:.0f}x |")
 
 
+def write_bench_datasets(root) -> None:
+    """Three Cityscapes images (2048×1024 PNG, trainIds labels) under root/cs and three ADE20K images (683×512 JPEG)
+    under root/ade, in the datasets' own layouts: toy scenes upsampled to those sizes, with noise so that the PNG and
+    JPEG files have photo-like sizes and decoding costs."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    def scene(size, seed):
+        image, label = data.render_toy_scene(np.random.default_rng(seed), data.TOY_SPLITS["train"])
+        image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC)).astype(np.float32)
+        noise = np.random.default_rng(seed).normal(0, 3, image.shape)
+        return np.clip(image + noise, 0, 255).astype(np.uint8), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+
+    for index in range(3):
+        image, label = scene((2048, 1024), index)
+        stem = f"bench_000000_{index:06d}"
+        (root / "cs/leftImg8bit/train/bench").mkdir(parents=True, exist_ok=True)
+        (root / "cs/gtFine/train/bench").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / f"cs/leftImg8bit/train/bench/{stem}_leftImg8bit.png")
+        Image.fromarray(label).save(root / f"cs/gtFine/train/bench/{stem}_gtFine_labelTrainIds.png")
+        image, label = scene((683, 512), index)
+        (root / "ade/images/training").mkdir(parents=True, exist_ok=True)
+        (root / "ade/annotations/training").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / f"ade/images/training/ADE_train_{index:08d}.jpg", quality=90)
+        Image.fromarray(label).save(root / f"ade/annotations/training/ADE_train_{index:08d}.png")
+
+
 def bench_data(argv: list[str]) -> None:
     """Samples/s of data.py's labelled and synthetic pipelines vs a plain PIL + torchvision-v1 reference doing the
     same steps (rescale, pad, crop, flip, normalise; strong view: jitter, grayscale, blur), one thread as in a
@@ -287,17 +316,16 @@ def bench_data(argv: list[str]) -> None:
     parser.add_argument("--samples", type=int, default=16, help="samples per pipeline and side (default: 16)")
     args = parser.parse_args(argv)
     # Both pipelines run on one thread, the way each DataLoader worker runs them.
-    torch.set_num_threads(1)  # DataLoader workers run single-threaded
+    torch.set_num_threads(1)
     random.seed(0)
     mean, std = data.IMAGENET_MEAN, data.IMAGENET_STD
 
-    # Draws from torch's global generator, in the same order as data.py, so both sides crop alike.
-    def uniform(low, high):
+    def uniform(low, high):  # torch's global generator, in data.py's order, so both sides crop alike
         return low + (high - low) * torch.rand(()).item()
 
     # Rescale the whole image (not only the crop, as data.py does), then pad with 255, crop and flip:
     # the textbook order of the weak view's geometry.
-    def reference_geometry(image, label, crop):  # PIL resize of the whole image, then pad, crop, flip
+    def reference_geometry(image, label, crop):
         width, height = image.size
         long_side = max(int(max(width, height) * uniform(*data.SCALE_RANGE) + 0.5), 1)
         if width >= height:
@@ -329,28 +357,10 @@ def bench_data(argv: list[str]) -> None:
         return (TF.normalize(TF.to_tensor(image), mean, std), TF.normalize(TF.to_tensor(strong), mean, std),
                 torch.from_numpy(np.array(padding)) == 255, data.cutmix_box(crop))
 
-    # Toy scenes upsampled to the datasets' sizes, with noise so that PNG and JPEG sizes are photo-like.
-    def scene(size, seed):  # toy scene upsampled to the benchmark size, with photo-like noise
-        image, label = data.render_toy_scene(np.random.default_rng(seed), data.TOY_SPLITS["train"])
-        image = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC)).astype(np.float32)
-        noise = np.random.default_rng(seed).normal(0, 3, image.shape)
-        return np.clip(image + noise, 0, 255).astype(np.uint8), np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
-
     # Three images per dataset, written in each dataset's own layout and format (PNG / JPEG).
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for index in range(3):
-            image, label = scene((2048, 1024), index)
-            stem = f"bench_000000_{index:06d}"
-            (root / "cs/leftImg8bit/train/bench").mkdir(parents=True, exist_ok=True)
-            (root / "cs/gtFine/train/bench").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / f"cs/leftImg8bit/train/bench/{stem}_leftImg8bit.png")
-            Image.fromarray(label).save(root / f"cs/gtFine/train/bench/{stem}_gtFine_labelTrainIds.png")
-            image, label = scene((683, 512), index)
-            (root / "ade/images/training").mkdir(parents=True, exist_ok=True)
-            (root / "ade/annotations/training").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(root / f"ade/images/training/ADE_train_{index:08d}.jpg", quality=90)
-            Image.fromarray(label).save(root / f"ade/annotations/training/ADE_train_{index:08d}.png")
+        write_bench_datasets(root)
         # (dataset, root, synthetic folder, crop, label table): the paper's DPT crops.
         setups = [("cityscapes", root / "cs", root / "cs/leftImg8bit", 798, None),
                   ("ade20k", root / "ade", root / "ade/images", 518, data.REDUCE_ZERO_LUT)]

@@ -236,14 +236,7 @@ def sinkhorn(
             final plan, max over problems), "invalid" (invalid pixels, non-finite ones included) and
             "nonfinite" (pixels with a non-finite entry).
     """
-    if log_p.dim() < 2 or not log_p.is_floating_point():
-        raise ValueError(f"sinkhorn: log_p must be a float tensor (B, K, *spatial), got {tuple(log_p.shape)} {log_p.dtype}")
-    if scope not in ("image", "batch"):
-        raise ValueError(f"sinkhorn: scope must be 'image' or 'batch', got {scope!r}")
-    if start not in ("reference", "uniform"):
-        raise ValueError(f"sinkhorn: start must be 'reference' or 'uniform', got {start!r}")
-    if beta <= 0 or iters < 1:
-        raise ValueError(f"sinkhorn: need beta > 0 and iters >= 1, got beta={beta}, iters={iters}")
+    _check_arguments(log_p, valid, beta, iters, scope, start)
     B, K = log_p.shape[:2]
     dtype = torch.float64 if log_p.dtype == torch.float64 else torch.float32
     tiny = torch.finfo(dtype).tiny
@@ -252,8 +245,6 @@ def sinkhorn(
     s = log_p.detach().reshape(B, K, -1)  # (B, K, N) view, N pixels of one image
 
     # Validity: user mask and finite rows. NaN propagates through amax and ±inf shows in amax/amin.
-    if valid is not None and tuple(valid.shape) != (B,) + tuple(log_p.shape[2:]):
-        raise ValueError(f"sinkhorn: valid must have shape {(B,) + tuple(log_p.shape[2:])}, got {tuple(valid.shape)}")
     row_max = s.amax(1).to(dtype)  # (B, N)
     finite = torch.ones_like(row_max, dtype=torch.bool)  # (B, N)
     if not bool(torch.isfinite(s.sum(dtype=dtype))):  # one contiguous read; only then the per-pixel test
@@ -298,11 +289,7 @@ def sinkhorn(
         log_step = not accurate or not _in_range(v, b, False, group)
         if log_step:
             f = f + (log_u if it == 1 else torch.log(u))  # absorb u, redo the class step in the log domain (4.)
-            kernel = _log_kernel(s, mask, beta, dtype).add_(f[:, None, :])
-            m = _exp_minus_max_(kernel, 2, pooled, log_floor, group)[:, :, 0]  # (B, K)
-            c = _pool(kernel.sum(2), pooled, "sum", group)  # (P, K)
-            g = torch.log(b) - m[: g.shape[0]] - torch.log(c.clamp_min(tiny))
-            kernel.mul_((b / c.clamp_min(tiny)).expand(B, K)[:, :, None])  # kernel = exp(s/β + f + g)
+            kernel, g = _log_class_step(s, mask, f, b, beta, pooled, log_floor, group)
             u, v = torch.ones_like(u), torch.ones_like(b)
         # 3b. pixel step: u = a / (kernel v)
         r = torch.bmm(v.expand(B, K)[:, None, :], kernel)[:, 0, :]  # (B, N)
@@ -311,11 +298,7 @@ def sinkhorn(
         # exponent floor, so its pixel step is taken in the log domain too (every rank alike, as log_step is).
         if log_step or not _in_range(u, a, pooled, group):
             g = g + torch.log(v)  # absorb v, redo the pixel step in the log domain (4.)
-            kernel = _log_kernel(s, mask, beta, dtype).add_(g.expand(B, K)[:, :, None])
-            m = _exp_minus_max_(kernel, 1, pooled, log_floor, group)[:, 0, :]  # (B, N)
-            r = kernel.sum(1)  # (B, N)
-            f = torch.log(a) - m - torch.log(r.clamp_min(tiny))
-            kernel.mul_((a / r.clamp_min(tiny))[:, None, :])
+            kernel, f = _log_pixel_step(s, mask, g, a, beta, pooled, log_floor, group)
             u, v = torch.ones_like(u), torch.ones_like(b)
             r = a.clone()  # rows of kernel v now sum to a
     if err is None or it == iters:
@@ -328,14 +311,50 @@ def sinkhorn(
         # Clamping before exp turned the -inf of invalid pixels into exp(LOG_FLOOR) (u = 0 kept them
         # out of every sum); their rows are zero by contract.
         plan.masked_fill_(~mask[:, None, :], 0.0)
-    n_invalid = int((~mask).sum())
-    stats = {
-        "iters": it,
-        "marginal_error": float(err.max()) if err.numel() else 0.0,
-        "invalid": n_invalid,
-        "nonfinite": int((~finite).sum()),
-    }
+    stats = {"iters": it, "marginal_error": float(err.max()) if err.numel() else 0.0,
+             "invalid": int((~mask).sum()), "nonfinite": int((~finite).sum())}
     return plan.reshape(log_p.shape), stats
+
+
+def _check_arguments(log_p, valid, beta, iters, scope, start) -> None:
+    """sinkhorn's one-line errors for arguments it cannot use."""
+    if log_p.dim() < 2 or not log_p.is_floating_point():
+        raise ValueError(f"sinkhorn: log_p must be a float tensor (B, K, *spatial), got {tuple(log_p.shape)} {log_p.dtype}")
+    if scope not in ("image", "batch"):
+        raise ValueError(f"sinkhorn: scope must be 'image' or 'batch', got {scope!r}")
+    if start not in ("reference", "uniform"):
+        raise ValueError(f"sinkhorn: start must be 'reference' or 'uniform', got {start!r}")
+    if beta <= 0 or iters < 1:
+        raise ValueError(f"sinkhorn: need beta > 0 and iters >= 1, got beta={beta}, iters={iters}")
+    expected = (log_p.shape[0],) + tuple(log_p.shape[2:])
+    if valid is not None and tuple(valid.shape) != expected:
+        raise ValueError(f"sinkhorn: valid must have shape {expected}, got {tuple(valid.shape)}")
+
+
+def _log_class_step(s, mask, f, b, beta, pooled, log_floor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class step taken exactly in the log domain (step 4 of the algorithm), the pixel scalings already
+    absorbed into f: returns the kernel exp(s/β + f + g), whose class sums are now b, and the new g (P, K)."""
+    B, K = s.shape[:2]
+    tiny = torch.finfo(f.dtype).tiny
+    kernel = _log_kernel(s, mask, beta, f.dtype).add_(f[:, None, :])  # (B, K, N) log
+    m = _exp_minus_max_(kernel, 2, pooled, log_floor, group)[:, :, 0]  # (B, K); kernel exponentiated
+    c = _pool(kernel.sum(2), pooled, "sum", group)  # (P, K)
+    g = torch.log(b) - m[: b.shape[0]] - torch.log(c.clamp_min(tiny))
+    kernel.mul_((b / c.clamp_min(tiny)).expand(B, K)[:, :, None])
+    return kernel, g
+
+
+def _log_pixel_step(s, mask, g, a, beta, pooled, log_floor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel step taken exactly in the log domain, the class scalings already absorbed into g: returns the
+    kernel exp(s/β + f + g), whose rows now sum to a, and the new f (B, N)."""
+    B, K = s.shape[:2]
+    tiny = torch.finfo(a.dtype).tiny
+    kernel = _log_kernel(s, mask, beta, a.dtype).add_(g.expand(B, K)[:, :, None])  # (B, K, N) log
+    m = _exp_minus_max_(kernel, 1, pooled, log_floor, group)[:, 0, :]  # (B, N); kernel exponentiated
+    r = kernel.sum(1)  # (B, N)
+    f = torch.log(a) - m - torch.log(r.clamp_min(tiny))
+    kernel.mul_((a / r.clamp_min(tiny))[:, None, :])
+    return kernel, f
 
 
 def _in_range(scale: torch.Tensor, target: torch.Tensor, pooled: bool, group=None) -> bool:
