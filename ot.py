@@ -99,7 +99,7 @@ What OT changes at 3 iterations
 With the gate on the teacher (γ = 0.95, before OT) and the DPT recipe (scope "batch", "present", β 0.05,
 3 iterations), a gated pixel keeps a one-hot target on its argmax only while every class is either
 confidently present somewhere in the problem or below ~1 % everywhere (as on the toy world, K = 7, where OT
-changed no trained label in any toy-study run that gates on the teacher (docs/toy_study.md), and the gated targets
+changed no trained label in the toy study's runs of this recipe (docs/toy_study.md), and the gated targets
 are one-hot to four decimals). A class whose largest probability over the problem lies at ~1-10 % is "present", so it is
 owed a full share of the marginal, but its kernel mass is tiny: its scaling v grows by up to ~1e30 and it
 takes gated pixels where its own probability is at least about half its maximum. Simulated (tests/test_ot.py
