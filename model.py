@@ -571,9 +571,9 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
 TOY_PRETRAIN = dict(steps=1000, batch=16, size=64, lr=1e-3, weight_decay=0.01, seed=0)
 
 
-def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"], batch: int = TOY_PRETRAIN["batch"],
-                          size: int = TOY_PRETRAIN["size"], lr: float = TOY_PRETRAIN["lr"],
-                          seed: int = TOY_PRETRAIN["seed"], progress: bool = True) -> Path:
+def pretrain_toy_backbone(path: str | Path, *, steps: int | None = None, batch: int | None = None,
+                          size: int | None = None, lr: float | None = None, seed: int | None = None,
+                          progress: bool = True) -> Path:
     """Pretrain the toy ViT on the pretraining world and write its weights (timm format, atomically) to path.
 
     Args:
@@ -582,11 +582,14 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int = TOY_PRETRAIN["steps"
         lr: peak learning rate (poly decay, power 0.9), weight decay TOY_PRETRAIN["weight_decay"].
         seed: images and initial weights are deterministic from it.
         progress: show a progress bar.
+        Any of steps, batch, size, lr, seed left None is read from TOY_PRETRAIN when the function runs.
     Returns:
         path as a Path.
     """
     from tqdm import tqdm
     path = Path(path)
+    steps, batch, size, lr, seed = (TOY_PRETRAIN[name] if value is None else value for name, value in
+                                    (("steps", steps), ("batch", batch), ("size", size), ("lr", lr), ("seed", seed)))
     spec = BACKBONES["toy"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -727,8 +730,8 @@ def main() -> None:
                         help="forward size, a multiple of the patch (default: 96 toy, 518 else)")
     args = parser.parse_args()
     try:
-        weights = resolve_pretrained(args.backbone, args.pretrained)
-        model = build_model(args.arch, args.backbone, args.num_classes, weights or NO_WEIGHTS).eval()
+        weights = resolve_pretrained(args.backbone, args.pretrained)  # checks the flag, makes nothing
+        model = build_model(args.arch, args.backbone, args.num_classes, args.pretrained).eval()  # may make the toy's
     except ValueError as error:
         raise SystemExit(str(error)) from None
     if weights is not None:

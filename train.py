@@ -671,7 +671,7 @@ def prepare(args: argparse.Namespace) -> Run:
     flag_warnings = check_flags(args, given)
     # weights next: a real-dataset run whose official file is missing stops here, before any work (random init
     # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
-    weights = models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
+    models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
 
@@ -713,8 +713,9 @@ def prepare(args: argparse.Namespace) -> Run:
     if resume is None and (Path(args.out) / "last.pt").is_file():  # it would be overwritten, its log mixed in
         raise ValueError(f"--out {args.out}: holds a run (last.pt); continue it with --resume auto, or choose "
                          f"another --out")
-    # the model after the data checks; weights as resolved at the start (None: random init)
-    student = models.build_model(args.arch, args.backbone, K, weights or models.NO_WEIGHTS).to(device)
+    # the model after the data checks, from the flag itself: build_model resolves it as above and makes the toy
+    # backbone's official file on first use (the resolved path would read as a user's explicit, absent file)
+    student = models.build_model(args.arch, args.backbone, K, args.pretrained).to(device)
 
     # An epoch = one pass over the synthetic set, for every method: --method supervised runs as many steps as
     # sense would (the same budget); only without a synthetic set does it count passes over the real set.
@@ -829,6 +830,7 @@ def checkpoint(run: Run, step: int, rng: dict | None = None, name: str = "last.p
         state = {"model": run.student.state_dict(), "ema": run.teacher.state_dict(),
                  "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "step": step,
                  "best_miou": run.best, "best_step": run.best_step, "args": vars(run.args),
+                 "pretrained_file": run.student.pretrained_file,  # the backbone's weight file at the start, or None
                  "pseudo_confusion": run.pseudo_confusion, **(rng or rng_states(run.device))}
         save_checkpoint(run.out / name, state)
 

@@ -59,3 +59,38 @@ def test_the_repository_stands_alone():
     for path in DOCS + SOURCES + sorted((REPO / "tests").glob("*.py")):
         text = path.read_text()
         assert "DESIGN" + ".md" not in text, path.name
+
+
+# README commands that need files a clean clone does not have (real datasets, synthetic sets, several GPUs)
+OUTSIDE_FILES = re.compile(r"--dataset (cityscapes|ade20k|coco)|torchrun")
+
+
+def readme_commands(section: str) -> list[str]:
+    """The commands of the first bash block under the README heading `section`, comments and `pip install` dropped."""
+    text = (REPO / "README.md").read_text()
+    body = re.split(rf"\n## {re.escape(section)}[^\n]*\n", text, maxsplit=1)[1]
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    commands = []
+    for line in block.splitlines():
+        for part in line.split("#", 1)[0].split("&&"):
+            part = " ".join(part.split())
+            if part and not part.startswith("pip install"):
+                commands.append(part)
+    return commands
+
+
+def test_every_cpu_command_of_the_readme_runs_in_ci():
+    """A README command that no longer works must be a red CI: each one that needs no outside file starts a line of
+    .ci/run (which may add flags that shorten it), and the test command is run there as `python -m pytest`."""
+    ci = [" ".join(line.split()) for line in (REPO / ".ci" / "run").read_text().splitlines()]
+    commands = readme_commands("Quick start") + readme_commands("Training and evaluation")
+    assert "python train.py" in commands and "pytest" in commands
+    missing = []
+    for command in commands:
+        if OUTSIDE_FILES.search(command):
+            continue
+        wanted = "python -m pytest" if command == "pytest" else command
+        if not any(line == wanted or line.startswith(wanted + " ") for line in ci):
+            missing.append(command)
+    assert not missing, f"README commands that .ci/run never runs: {missing}"
+    assert "python train.py --iters 20" in ci  # the first command itself, on the clean clone, before any other run

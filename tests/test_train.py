@@ -280,6 +280,36 @@ def test_subprocess_run_then_eval_py(arch, toy_root, tmp_path):
     assert miou == pytest.approx(read_metrics(out)[1][-1]["miou"], abs=0.006)  # the EMA teacher, as in training
 
 
+def test_first_run_on_a_fresh_clone_makes_the_toy_backbone_then_loads_it(toy_root, tmp_path, monkeypatch):
+    """The README's first command on a machine with no pretrained/ folder: no --pretrained flag, so the toy backbone's
+    official file is made by its own pretraining (shortened through TOY_PRETRAIN, not handed a pre-made file),
+    written, loaded and named in the checkpoint."""
+    folder = tmp_path / "pretrained"  # does not exist yet, as on a fresh clone
+    monkeypatch.setattr(model, "PRETRAINED_DIR", folder)
+    monkeypatch.setitem(model.TOY_PRETRAIN, "steps", 2)
+    monkeypatch.setitem(model.TOY_PRETRAIN, "batch", 2)
+    made = []
+    pretrain = model.pretrain_toy_backbone
+    monkeypatch.setattr(model, "pretrain_toy_backbone", lambda path, **kw: made.append(path) or pretrain(path, **kw))
+    def argv(out: Path, *extra: str) -> list[str]:  # flags() without its --pretrained pair
+        given = flags(toy_root, out, *extra)
+        at = given.index("--pretrained")
+        return given[:at] + given[at + 2:]
+
+    run_main(argv(tmp_path / "run"))
+    path = folder / model.TOY_WEIGHTS
+    assert made == [path] and path.is_file() and not list(folder.glob("*.tmp"))
+    assert load(tmp_path / "run" / "last.pt")["pretrained_file"] == str(path)
+    fresh = build_model("dpt", "toy", K)  # found now, not made again
+    assert fresh.pretrained_file == str(path) and len(made) == 1
+    assert torch.equal(fresh.backbone.pos_embed, model.load_pretrained("toy", path).pos_embed)
+    # an explicit file that does not exist is still an error, and 'none' still random init
+    with pytest.raises(ValueError, match="is not a file"):
+        run_main(argv(tmp_path / "run2", "--pretrained", str(tmp_path / "absent.pth")))
+    run_main(argv(tmp_path / "run3", "--pretrained", "none"))
+    assert load(tmp_path / "run3" / "last.pt")["pretrained_file"] is None
+
+
 @pytest.mark.parametrize("arch, method", [("dpt", "supervised"), ("dpt", "pseudo"),
                                           ("mask2former", "supervised"), ("mask2former", "pseudo")])
 def test_in_process_run(arch, method, toy_root, tmp_path):
