@@ -1,6 +1,7 @@
-"""Tests of ot.py: math properties, POT as an independent reference, the reference code's exp-domain
-form (its start included) and the textbook form, the docstring examples, hard inputs, and scope="batch"
-across two gloo processes.
+"""Tests of ot.py: math properties, logits and log-probabilities giving one plan, the defaults being the DPT
+recipe, POT as an independent reference, the reference code's exp-domain form (its start included) and the
+textbook form, the docstring examples, hard inputs, argument errors, and collectives across two gloo processes
+(only with an explicit group).
 
 POT is imported as `ot` too, so it runs in a subprocess started outside the repository root (our
 ot.py would shadow it here)."""
@@ -118,37 +119,44 @@ def test_converged_plans_match_pot(tmp_path, dtype):
 def test_marginal_error_after_convergence():
     for dtype, bound in ((torch.float32, 1e-5), (torch.float64, 1e-9)):
         log_p = random_log_p(3, 19, 400, scale=3.0, dtype=dtype)
-        plan, stats = sinkhorn(log_p, beta=0.3, iters=50000, tol=bound / 10)
+        plan, stats = sinkhorn(log_p, beta=0.3, iters=50000, tol=bound / 10, scope="image", class_marginal="uniform")
         assert stats["marginal_error"] < bound
         col = plan.double().mean(2)  # (B, K): class marginal of the plan with a_n = 1/N
         assert (col - 1 / 19).abs().sum(1).max() < bound
         assert plan.dtype == dtype
 
 
-def test_per_pixel_constant_leaves_plan_unchanged_with_uniform_start():
-    # float64: in float32, adding a shift of ~50 rounds s by ~4e-6, which 1/β = 20 turns into ~1e-5 in the plan
-    log_p = random_log_p(2, 19, 300, scale=3.0, dtype=torch.float64)
-    shift = torch.randn(2, 1, 300, dtype=torch.float64) * 20
-    prior = torch.rand(19, dtype=torch.float64) + 0.1
-    for iters, marginal in ((3, "uniform"), (3, prior), (100, "uniform")):
-        p1, _ = sinkhorn(log_p, iters=iters, class_marginal=marginal, start="uniform")
-        p2, _ = sinkhorn(log_p + shift, iters=iters, class_marginal=marginal, start="uniform")
-        assert (p1 - p2).abs().max() < 1e-9
-    # The reference start weights pixels by exp(max_k log_p / β): a per-pixel constant changes the plan at
-    # 3 iterations, a per-problem constant does not.
-    p1, _ = sinkhorn(log_p)
-    p2, _ = sinkhorn(log_p - 7.0)
-    p3, _ = sinkhorn(log_p + shift)
-    assert (p1 - p2).abs().max() < 1e-9
-    assert (p1 - p3).abs().max() > 0.1
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logits_and_log_probabilities_give_the_same_plan(dtype):
+    # sinkhorn normalises with log_softmax over the classes, so a per-pixel constant (logits vs log-probabilities,
+    # or an offset of ~1000) leaves the plan unchanged, for both starts and both marginals. Largest difference
+    # measured: 3e-7 in float32 (the log-probabilities are rounded, and 1/β = 20 amplifies it), 6e-16 in float64.
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 19, 300, generator=g, dtype=torch.float64) * 3).to(dtype)  # (B, K, N)
+    offset = (torch.randn(2, 1, 300, generator=g, dtype=torch.float64) * 1000).to(dtype)  # (B, 1, N) per pixel
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for x in (logits, logits + offset):
+        for start in ("reference", "uniform"):
+            for marginal in ("present", "uniform"):
+                kw = dict(start=start, class_marginal=marginal)
+                p_logits, _ = sinkhorn(x, **kw)
+                p_log_probs, _ = sinkhorn(x.log_softmax(1), **kw)
+                assert (p_logits - p_log_probs).abs().max() < tol, (start, marginal, float((p_logits - p_log_probs).abs().max()))
+    # the textbook form and ot_pseudo_labels normalise too
+    x = logits + offset
+    textbook = sinkhorn_textbook(x[0].double())
+    assert (textbook - sinkhorn_textbook(x[0].double().log_softmax(0))).abs().max() < 1e-9
+    targets, gate, _ = ot_pseudo_labels(x)
+    targets_lp, gate_lp, _ = ot_pseudo_labels(x.log_softmax(1))
+    assert (targets - targets_lp).abs().max() < tol and torch.equal(gate, gate_lp)
 
 
 def test_scope_image_equals_each_image_alone():
     log_p = random_log_p(4, 19, 16 * 16).reshape(4, 19, 16, 16)
     valid = torch.rand(4, 16, 16) > 0.2
-    plan, _ = sinkhorn(log_p, valid, class_marginal="present")
+    plan, _ = sinkhorn(log_p, valid, class_marginal="present", scope="image")
     for i in range(4):
-        alone, _ = sinkhorn(log_p[i : i + 1], valid[i : i + 1], class_marginal="present")
+        alone, _ = sinkhorn(log_p[i : i + 1], valid[i : i + 1], class_marginal="present", scope="image")
         assert torch.allclose(plan[i : i + 1], alone, atol=1e-6)
 
 
@@ -161,7 +169,7 @@ def test_scope_batch_is_one_problem_over_the_batch():
 
 def test_worked_example_from_docstring():
     p = torch.tensor([[0.9, 0.1], [0.6, 0.4]]).T[None]  # (B=1, K=2, N=2)
-    plan, _ = sinkhorn(p.log(), beta=1.0, iters=1000, tol=1e-9)
+    plan, _ = sinkhorn(p.log(), beta=1.0, iters=1000, tol=1e-9, class_marginal="uniform")
     x = math.sqrt(6) / (1 + math.sqrt(6))
     expected = torch.tensor([[x, 1 - x], [1 - x, x]]).T[None]
     assert torch.allclose(plan, expected, atol=1e-5)
@@ -300,7 +308,7 @@ def test_start_far_below_the_most_confident_pixel(monkeypatch):
         log_domain_steps = []
         real = sense_ot._log_kernel
         monkeypatch.setattr(sense_ot, "_log_kernel", lambda *a: log_domain_steps.append(1) or real(*a))
-        plan, _ = sinkhorn(log_p, scope="batch")
+        plan, _ = sinkhorn(log_p, scope="batch", class_marginal="uniform")
         monkeypatch.undo()
         assert log_domain_steps
         ref = reference_exp_domain(log_p, dtype=torch.float64)
@@ -345,15 +353,30 @@ def test_docstring_examples_run():
         subprocess.run([sys.executable] + argv[1:], cwd=ROOT, env=clean_env(), check=True, capture_output=True)
 
 
-def test_ot_pseudo_labels_takes_the_recipe_explicitly():
-    parameters = inspect.signature(ot_pseudo_labels).parameters
-    assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    for name in ("beta", "iters", "class_marginal", "scope", "min_prob", "tol", "start", "group"):
-        assert parameters[name].kind == inspect.Parameter.KEYWORD_ONLY
+DPT_RECIPE = dict(beta=0.05, iters=3, tol=None, class_marginal="present", min_prob=0.01, scope="batch",
+                  start="reference", group=None)
+
+
+def test_defaults_are_the_dpt_recipe():
+    for fn, extra in ((sinkhorn, {}), (ot_pseudo_labels, dict(conf_thresh=0.95, gate_on="teacher"))):
+        parameters = inspect.signature(fn).parameters
+        assert not any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        for name, value in {**DPT_RECIPE, **extra}.items():
+            assert parameters[name].kind == inspect.Parameter.KEYWORD_ONLY, (fn.__name__, name)
+            assert parameters[name].default == value, (fn.__name__, name)
+        assert "DPT recipe" in fn.__doc__.splitlines()[0]
+    assert inspect.signature(soft_cross_entropy).parameters["group"].default is None
+    assert "DPT recipe" in sense_ot.__doc__ and "DPT recipe" in sinkhorn_textbook.__doc__.splitlines()[0]
+    assert "DPT recipe" in soft_cross_entropy.__doc__.splitlines()[0]
     logits = torch.randn(2, 19, 8, 8) * 5
-    targets, _, _ = ot_pseudo_labels(logits, beta=0.05, iters=3, class_marginal="present", scope="batch")
-    plan, _ = sinkhorn(logits.log_softmax(1), beta=0.05, iters=3, class_marginal="present", scope="batch")
-    assert torch.equal(targets, plan)
+    targets, gate, _ = ot_pseudo_labels(logits)
+    explicit, gate_explicit, _ = ot_pseudo_labels(logits, **DPT_RECIPE, conf_thresh=0.95, gate_on="teacher")
+    plan, _ = sinkhorn(logits)
+    assert torch.equal(targets, explicit) and torch.equal(gate, gate_explicit) and torch.equal(targets, plan)
+    assert torch.equal(gate, logits.softmax(1).amax(1) >= 0.95)
+    # the paper's text stays available: one problem per image with a uniform marginal differs here
+    paper, _, _ = ot_pseudo_labels(logits, scope="image", class_marginal="uniform")
+    assert not torch.allclose(paper, targets, atol=1e-3)
 
 
 def test_reference_form_underflows_where_ours_does_not():
@@ -446,10 +469,11 @@ def test_extreme_logits_converge_without_overflow():
     logits = torch.zeros(1, 4, 40)
     logits[0, 0] = 3000.0
     logits[0, 1, :20] = 1500.0
-    plan, stats = sinkhorn(logits.log_softmax(1), iters=5000, tol=1e-6)
-    assert_sane(plan, torch.ones(1, 40, dtype=torch.bool))
-    assert stats["marginal_error"] < 1e-5
-    assert torch.allclose(plan.mean(2), torch.full((1, 4), 0.25), atol=1e-5)
+    for x in (logits.log_softmax(1), logits):  # log-probabilities and the logits themselves
+        plan, stats = sinkhorn(x, iters=5000, tol=1e-6, class_marginal="uniform")
+        assert_sane(plan, torch.ones(1, 40, dtype=torch.bool))
+        assert stats["marginal_error"] < 1e-5
+        assert torch.allclose(plan.mean(2), torch.full((1, 4), 0.25), atol=1e-5)
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -464,6 +488,24 @@ def test_bad_arguments_raise_clear_errors():
         sinkhorn(log_p, torch.ones(2, 15, dtype=torch.bool))
     with pytest.raises(ValueError, match="start"):
         sinkhorn(log_p, start="ones")
+
+
+def test_masks_must_be_bool():
+    # valid: True = a pixel that takes part; gate: True = a pixel trained on. A float or uint8 mask could point
+    # either way (an ignore mask, a padding mask), so it is refused with a one-line message, not converted.
+    log_p = random_log_p(2, 5, 16)
+    for dtype in (torch.float32, torch.uint8, torch.int64):
+        mask = torch.ones(2, 16, dtype=dtype)
+        for call in (lambda: sinkhorn(log_p, mask), lambda: ot_pseudo_labels(log_p, mask)):
+            with pytest.raises(ValueError, match=r"valid must be a bool tensor, True = a pixel that takes part") as e:
+                call()
+            assert "\n" not in str(e.value) and str(dtype) in str(e.value)
+        with pytest.raises(ValueError, match=r"gate must be a bool tensor, True = a pixel trained on"):
+            soft_cross_entropy(torch.randn(2, 5, 16), log_p.exp(), mask)
+    ignore = torch.zeros(2, 16, dtype=torch.bool)
+    ignore[:, :4] = True
+    plan, stats = sinkhorn(log_p, ~ignore)  # the docstring's advice: invert an ignore mask
+    assert stats["invalid"] == 8 and (plan[:, :, :4] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -499,30 +541,54 @@ def test_soft_cross_entropy():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Distributed: scope="batch" across two gloo ranks equals one process solving the joined batch
+# Distributed: collectives only with an explicit group. Two gloo ranks with group=WORLD equal one process solving
+# the joined batch; with group=None each rank solves its own pixels, and no collective happens.
 
 DIST_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, torch.distributed as dist
+    import os, sys, time, datetime, torch, torch.distributed as dist
     sys.path.insert(0, sys.argv[3])
-    from ot import sinkhorn
-    from tests.test_ot import EXTREME_MARGINAL, extreme_batch
+    from ot import ot_pseudo_labels, sinkhorn, soft_cross_entropy
+    from tests.test_ot import EXTREME_MARGINAL, extreme_batch, loss_inputs
     rank, store = int(sys.argv[1]), sys.argv[2]
-    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    # a collective that one rank alone enters fails after 30 s instead of hanging
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    world = dist.group.WORLD
     g = torch.Generator().manual_seed(0)
     log_p = (torch.randn(4, 19, 300, generator=g) * 3).log_softmax(1)
     valid = torch.rand(4, 300, generator=g) > 0.3
     mine = slice(2 * rank, 2 * rank + 2)
     for marginal in ("present", "uniform"):
-        plan, stats = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal=marginal, iters=5)
+        plan, stats = sinkhorn(log_p[mine], valid[mine], class_marginal=marginal, iters=5, group=world)
         torch.save(plan, f"{store}.{marginal}.{rank}.pt")
     # only rank 0's pixels need log-domain pixel steps; both ranks must take them at the same iterations
-    plan, stats = sinkhorn(extreme_batch()[mine], scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
+    plan, stats = sinkhorn(extreme_batch()[mine], iters=20, class_marginal=EXTREME_MARGINAL, group=world)
     torch.save(plan, f"{store}.extreme.{rank}.pt")
-    # group=: each rank in a group of its own solves its own images alone (every rank creates every group)
+    # a group of its own per rank: each rank solves its own images alone (every rank creates every group)
     alone = [dist.new_group([r]) for r in range(2)]
-    plan, stats = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal="present", iters=5, group=alone[rank])
+    plan, stats = sinkhorn(log_p[mine], valid[mine], iters=5, group=alone[rank])
     torch.save(plan, f"{store}.group.{rank}.pt")
+    # soft_cross_entropy with the group: a scalar weight shared by both ranks stands in for the model under DDP
+    student, targets, gate = loss_inputs()
+    w = torch.ones((), requires_grad=True)
+    loss = soft_cross_entropy(student[mine] * w, targets[mine], gate[mine], group=world)
+    loss.backward()
+    torch.save(torch.stack([loss.detach(), w.grad]), f"{store}.loss.{rank}.pt")
+    # group=None under an initialised process group: no collective, so rank 0 calls alone and returns while
+    # rank 1 waits for its file (a collective in there would fail after 30 s, and rank 1 gives up after 60 s)
+    if rank == 0:
+        plan, _ = sinkhorn(log_p[mine], valid[mine], iters=5)
+        targets_none, gate_none, _ = ot_pseudo_labels(log_p[mine], valid[mine])
+        loss = soft_cross_entropy(student[mine], targets[mine], gate[mine])
+        torch.save([plan, targets_none, gate_none, loss], f"{store}.none.tmp")
+        os.rename(f"{store}.none.tmp", f"{store}.none.0.pt")
+    else:
+        deadline = time.time() + 60
+        while not os.path.exists(f"{store}.none.0.pt"):
+            assert time.time() < deadline, "rank 0 did not return from its calls with group=None"
+            time.sleep(0.05)
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
@@ -541,28 +607,57 @@ def extreme_batch() -> torch.Tensor:
     return logits.log_softmax(1)
 
 
-def test_batch_scope_across_two_gloo_ranks(tmp_path):
+def loss_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student logits (4, 19, 300), soft targets (4, 19, 300) and a gate (4, 300) that passes ~70 % of the pixels of
+    images 0-1 (rank 0) and ~10 % of images 2-3 (rank 1), so that per-rank means differ from the global mean."""
+    g = torch.Generator().manual_seed(2)
+    student = torch.randn(4, 19, 300, generator=g)
+    targets = torch.randn(4, 19, 300, generator=g).mul(3).softmax(1)
+    share = torch.tensor([0.7, 0.7, 0.1, 0.1])[:, None]  # (4, 1)
+    return student, targets, torch.rand(4, 300, generator=g) < share
+
+
+def test_collectives_across_two_gloo_ranks(tmp_path):
     store = str(tmp_path / "store")
     script = tmp_path / "worker.py"
     script.write_text(DIST_SCRIPT)
     procs = [subprocess.Popen([sys.executable, str(script), str(r), store, str(ROOT)], env=clean_env()) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
+    try:
+        assert all(p.wait(timeout=150) == 0 for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     g = torch.Generator().manual_seed(0)
     log_p = (torch.randn(4, 19, 300, generator=g) * 3).log_softmax(1)
     valid = torch.rand(4, 300, generator=g) > 0.3
+    load = lambda name: torch.load(f"{store}.{name}.pt", weights_only=True)
+    # group=WORLD: one problem over both ranks' pixels
     for marginal in ("present", "uniform"):
-        joined, _ = sinkhorn(log_p, valid, scope="batch", class_marginal=marginal, iters=5)
-        parts = [torch.load(f"{store}.{marginal}.{r}.pt", weights_only=True) for r in range(2)]
-        assert torch.allclose(torch.cat(parts), joined, atol=1e-6)
-    joined, _ = sinkhorn(extreme_batch(), scope="batch", iters=20, class_marginal=EXTREME_MARGINAL)
-    parts = [torch.load(f"{store}.extreme.{r}.pt", weights_only=True) for r in range(2)]
-    assert torch.allclose(torch.cat(parts), joined, atol=1e-5)
-    joined, _ = sinkhorn(log_p, valid, scope="batch", class_marginal="present", iters=5)
+        joined, _ = sinkhorn(log_p, valid, class_marginal=marginal, iters=5)
+        assert torch.allclose(torch.cat([load(f"{marginal}.{r}") for r in range(2)]), joined, atol=1e-6)
+    joined, _ = sinkhorn(extreme_batch(), iters=20, class_marginal=EXTREME_MARGINAL)
+    assert torch.allclose(torch.cat([load(f"extreme.{r}") for r in range(2)]), joined, atol=1e-5)
+    # a group per rank, and group=None (rank 0 alone): each rank's own images solved alone
+    joined, _ = sinkhorn(log_p, valid, iters=5)
+    alone = [sinkhorn(log_p[2 * r : 2 * r + 2], valid[2 * r : 2 * r + 2], iters=5)[0] for r in range(2)]
     for r in range(2):
-        mine = slice(2 * r, 2 * r + 2)
-        alone, _ = sinkhorn(log_p[mine], valid[mine], scope="batch", class_marginal="present", iters=5)
-        assert torch.allclose(torch.load(f"{store}.group.{r}.pt", weights_only=True), alone, atol=1e-6)
-        assert not torch.allclose(alone, joined[mine], atol=1e-3)  # so the group made the difference
+        assert torch.allclose(load(f"group.{r}"), alone[r], atol=1e-6)
+        assert not torch.allclose(alone[r], joined[2 * r : 2 * r + 2], atol=1e-3)  # so the group made the difference
+    plan_none, targets_none, gate_none, loss_none = torch.load(f"{store}.none.0.pt", weights_only=True)
+    assert torch.allclose(plan_none, alone[0], atol=1e-6)
+    targets_alone, gate_alone, _ = ot_pseudo_labels(log_p[:2], valid[:2])
+    assert torch.allclose(targets_none, targets_alone, atol=1e-6) and torch.equal(gate_none, gate_alone)
+    # soft_cross_entropy: the ranks' values average to the global mean, and so do the gradients (as DDP averages them)
+    student, targets, gate = loss_inputs()
+    w = torch.ones((), requires_grad=True)
+    global_mean = soft_cross_entropy(student * w, targets, gate)
+    global_mean.backward()
+    loss, grad = torch.stack([load(f"loss.{r}") for r in range(2)]).mean(0)
+    assert torch.allclose(loss, global_mean.detach(), atol=1e-6) and torch.allclose(grad, w.grad, atol=1e-6)
+    local = [soft_cross_entropy(student[2 * r : 2 * r + 2], targets[2 * r : 2 * r + 2], gate[2 * r : 2 * r + 2]) for r in range(2)]
+    assert not torch.allclose(torch.stack(local).mean(), global_mean.detach(), atol=1e-3)  # the count made the difference
+    assert torch.allclose(loss_none, local[0], atol=1e-6)  # group=None: the per-rank mean
 
 
 def test_gate_on_plan_gates_the_ot_rows():
