@@ -124,7 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     gate = sub.add_parser("gate", help="per class: what a teacher's confidence gate would train on, against the "
                                        "true layouts (labelled splits, or synthetic images with stored layouts)")
-    gate.add_argument("--teacher", required=True, help="train.py checkpoint (its EMA teacher)")
+    gate.add_argument("--teacher", required=True, nargs="+",
+                      help="train.py checkpoint(s) (their EMA teachers); several: one table of mean ± std over them")
     gate.add_argument("--images", required=True, help="split file (.txt) of labelled or toy synthetic images")
     gate.add_argument("--conf-thresh", type=float, default=0.95, help="γ, the confidence gate (default: 0.95)")
     gate.add_argument("--max-images", type=int, default=None, help="the first N images only (default: all)")
@@ -486,16 +487,29 @@ def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], data
     return counts
 
 
-def format_gate_report(counts: dict[str, np.ndarray], class_names: tuple[str, ...]) -> str:
+def format_gate_report(counts: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+                       class_names: tuple[str, ...]) -> str:
     """The gate report as a markdown table: per class, % of its pixels gated, % of those labelled right, and the
-    gated pixels labelled as the class."""
-    lines = ["| class | pixels | gated (% of the class) | right (% of the gated) | gated pixels labelled as it |",
+    gated pixels labelled as the class. Given the counts of several teachers (e.g. the seeds of one run), each cell
+    is the mean ± sample std (ddof=1) of the teachers' percentages (pixel counts: their mean)."""
+    runs = [counts] if isinstance(counts, dict) else list(counts)
+
+    def cell(values: list[float]) -> str:
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return f"{values[0]:.1f}"
+        return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+    seeds = f" ({len(runs)} teachers)" if len(runs) > 1 else ""
+    lines = [f"| class | pixels | gated (% of the class){seeds} | right (% of the gated) | gated pixels labelled as it |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for k, name in enumerate(class_names):
-        pixels, gated, correct = counts["pixels"][k], counts["gated"][k], counts["correct"][k]
-        share = f"{100 * gated / pixels:.1f}" if pixels else "–"
-        right = f"{100 * correct / gated:.1f}" if gated else "–"
-        lines.append(f"| {name} | {pixels} | {share} | {right} | {counts['gated_as'][k]} |")
+        pixels = [int(run["pixels"][k]) for run in runs]
+        share = [100 * run["gated"][k] / run["pixels"][k] for run in runs if run["pixels"][k]]
+        right = [100 * run["correct"][k] / run["gated"][k] for run in runs if run["gated"][k]]
+        gated_as = round(float(np.mean([run["gated_as"][k] for run in runs])))
+        lines.append(f"| {name} | {round(float(np.mean(pixels)))} | {cell(share)} | {cell(right)} | {gated_as} |")
     return "\n".join(lines)
 
 
@@ -783,15 +797,17 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.command == "gate":
             device = model.pick_device(args.device)
-            teacher, dataset = load_teacher(args.teacher, device)
             samples = []
             for image, label in list_images(args.images)[:args.max_images]:
                 label = label or data.truth_path(image)
                 if label is None or not Path(label).is_file():
                     raise ValueError(f"--images: {image} has no label and no stored true layout")
                 samples.append((image, label))
-            counts = gate_report(teacher.eval(), samples, dataset or "toy", args.conf_thresh)
-            print(f"γ = {args.conf_thresh} gate of {args.teacher} on {len(samples)} images of {args.images}:")
+            counts = []
+            for path in args.teacher:
+                teacher, dataset = load_teacher(path, device)
+                counts.append(gate_report(teacher.eval(), samples, dataset or "toy", args.conf_thresh))
+            print(f"γ = {args.conf_thresh} gate of {' '.join(args.teacher)} on {len(samples)} images of {args.images}:")
             print(format_gate_report(counts, data.get_spec(dataset or "toy").classes))
             return
         rows = read_scores(args.scores)

@@ -62,16 +62,18 @@ ARCH_PRESETS = {
     "mask2former": dict(lr=5e-6, head_lr_mult=10.0, weight_decay=0.05, ot_marginal="uniform", backbone="dinov3_l"),
 }
 # Toy-only choices, each with its reason:
-#   iters 300: a fixed number of steps whatever the synthetic set's size, so every study compares equal compute
-#     (an epoch over the real set is 7.5 steps: the 60 labelled images are seen 40 times, the baseline saturates);
+#   iters 900: a fixed number of steps whatever the synthetic set's size, so every study compares equal compute
+#     (an epoch over the real set is 2.5 steps: the 20 labelled images are seen 360 times); the supervised
+#     teacher's γ gate passes 38-66 % of each thing class's synthetic pixels after 600 steps, 52-76 % after 900
+#     (seed 0): the paper's precondition, a teacher sure of every class, needs the steps;
 #   lr 5e-4, head ×4: the pretrained toy ViT is 4 blocks of width 128, far from DINOv2's 5e-6 regime (1e-3 with
 #     head ×10 diverged); from random init (--pretrained none) the backbone takes 5e-4 and head ×2;
-#   EMA λ_max 0.98: 0.996 averages over ~250 steps, most of a 300-step run; 0.98 (~50 steps) keeps the teacher as
+#   EMA λ_max 0.98: 0.996 averages over ~250 steps, a third of the run; 0.98 (~50 steps) keeps the teacher as
 #     near the student as 0.996 is in the paper's runs of tens of thousands of steps;
-#   evaluation every 100 steps: 3 evaluations keep a run at minutes.
+#   evaluation every 150 steps: 6 evaluations of 100 images, each with the in-loop gate per class since the last.
 TOY_OPTIM = dict(lr=5e-4, head_lr_mult=4.0)
 TOY_OPTIM_RANDOM_INIT = dict(lr=5e-4, head_lr_mult=2.0)
-TOY_SCHEDULE = dict(iters=300, eval_every=100, ema_decay=0.98)
+TOY_SCHEDULE = dict(iters=900, eval_every=150, ema_decay=0.98)
 EMA_DECAY = 0.996  # λ_max of the EMA teacher (paper)
 # Mask2Former synthetic branch (as the reference code runs it): matching costs and loss weights. The paper and the
 # reference's weight dict give dice 0, but the reference sums its loss terms by key name and "loss_dice" contains
@@ -82,7 +84,11 @@ M2F_SYNTHETIC = dict(cost_class=1.0, cost_mask=1.0, cost_dice=0.0, class_weight=
 # Mask2Former parameters trained without AdamW weight decay, matched by name: the learned queries and the level
 # embeddings of both transformers (reference code, sense_mask2former.py's optimizer groups)
 NO_WEIGHT_DECAY = ("query_feat", "query_embed", "level_embed")
-METHODS = ("supervised", "pseudo", "soft", "sense")
+METHODS = ("supervised", "pseudo", "soft", "sense", "truth", "truth_gated")
+# Controls of the toy world, which stores the true layout of every synthetic image: `truth` trains L_u on the true
+# layout of every valid pixel (the upper bound of any pseudo-labeller), `truth_gated` on the true layout of the pixels
+# the teacher's γ gate passes (what the gate's choice of pixels does, with no label noise).
+TRUTH_METHODS = ("truth", "truth_gated")
 OHEM_THRESH, OHEM_MIN_KEPT = 0.7, 200_000  # Cityscapes OHEM (UniMatch / SENSE reference code)
 # Flag ranges checked before the presets fill in unset values (a 0 would be taken for unset)
 AT_LEAST_1 = ("iters", "batch_size", "real_batch", "crop_size", "eval_every", "save_every", "log_every", "grad_accum",
@@ -129,7 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("method")
     g.add_argument("--method", default="sense", choices=METHODS,
                    help="supervised: real only; pseudo: hard labels (argmax); soft: the teacher's probabilities; "
-                        "sense: OT targets (default: sense)")
+                        "sense: OT targets; truth / truth_gated (toy world): the true layouts on every pixel / on "
+                        "the pixels the teacher's gate passes (default: sense)")
     g.add_argument("--real-batch", type=int, default=None,
                    help="real images per step (default: B, the paper's baseline too; 2B gives supervised SENSE's compute)")
     g.add_argument("--conf-thresh", type=float, default=0.95, help="γ (and δ for Mask2Former), confidence gate (default: 0.95)")
@@ -199,6 +206,10 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
             raise ValueError(f"{flag} {value}: must be at least {1 if key in AT_LEAST_1 else 0}")
         if (key in IN_0_1 and not 0 <= value <= 1) or (key == "ot_beta" and not value > 0):
             raise ValueError(f"{flag} {value}: must be {'in [0, 1]' if key in IN_0_1 else 'positive'}")
+    if args.method in TRUTH_METHODS and (args.dataset != "toy" or args.arch != "dpt"):
+        raise ValueError(f"--method {args.method}: a control of the toy world with --arch dpt (only the toy world "
+                         f"stores the true layouts of its synthetic images), got --dataset {args.dataset} --arch "
+                         f"{args.arch}")
     unused = {}  # flag -> why it does nothing here
     ot_flags = ("ot_beta", "ot_iters", "ot_scope", "ot_marginal", "ot_gate", "ot_min_prob")
     if args.method == "supervised":
@@ -209,6 +220,8 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
     elif args.method != "sense":
         for key in ot_flags:
             unused[key] = f"--method {args.method} uses no OT"
+        if args.method == "truth":
+            unused["conf_thresh"] = "--method truth (every valid pixel is trained on)"
     elif args.ot_marginal != "present":
         unused["ot_min_prob"] = f"--ot-marginal {args.ot_marginal} (it sets which classes are present)"
     if args.arch == "dpt":
@@ -353,17 +366,21 @@ def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
 
 
 def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Namespace,
-                   class_marginal: str | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                   class_marginal: str | torch.Tensor, truth: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The synthetic branch's targets and γ gate, by method (paper: "OT assignment"; the others are ablations).
 
     sense: OT plan rows (ot.ot_pseudo_labels), gate on the teacher (paper) or on the plan (--ot-gate plan);
     soft: the teacher's probabilities; pseudo: one-hot of the teacher's argmax (DPT; Mask2Former takes the hard
-    label of its scores in any case). soft and pseudo gate on the teacher's maximum probability.
+    label of its scores in any case). soft and pseudo gate on the teacher's maximum probability. The toy world's
+    controls: truth, one-hot true layouts on every pixel with a true class; truth_gated, the same on the pixels that
+    the teacher's gate passes (the gate of pseudo).
 
     Args:
         scores: (B, K, H, W) teacher scores (DPT logits / Mask2Former scores) of the CutMixed batch.
         valid: (B, H, W) bool, False on padding.
         class_marginal: "uniform", "present" or a (K,) tensor (the labelled set's frequencies).
+        truth: (B, H, W) int64 true layouts (255 = none; CutMixed), for the truth controls only.
     Returns:
         targets (B, K, H, W) float32 (rows sum to 1 on valid pixels), gate (B, H, W) bool, log values.
     """
@@ -373,10 +390,16 @@ def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Nam
         targets, gate, stats = ot_pseudo_labels(scores, valid, beta=args.ot_beta, iters=args.ot_iters,
                                                 class_marginal=class_marginal, scope=args.ot_scope,
                                                 min_prob=args.ot_min_prob, tol=None, start="reference",
-                                                conf_thresh=args.conf_thresh, gate_on=args.ot_gate, group=None)
+                                                conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
+                                                group=dist.group.WORLD)  # under DDP: one problem over all ranks
         return targets, gate, {"ot_err": stats["marginal_error"]}
     targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
     gate = (targets.amax(1) >= args.conf_thresh) & valid
+    if args.method in TRUTH_METHODS:
+        known = valid & (truth != data.IGNORE_INDEX)  # (B, H, W)
+        gate = known if args.method == "truth" else gate & known
+        targets = F.one_hot(torch.where(known, truth, 0), targets.shape[1]).movedim(-1, 1).to(targets.dtype)
+        return targets, gate, {}
     if args.method == "pseudo" and args.arch == "dpt":
         targets = F.one_hot(targets.argmax(1), targets.shape[1]).movedim(-1, 1).to(targets.dtype)
     return targets, gate, {}
@@ -517,7 +540,7 @@ def synthetic_loss(pred_u, targets: torch.Tensor, label: torch.Tensor, gate: tor
         targets: (B, K, H, W) soft targets (DPT). label, gate: (B, H, W) from synthetic_labels.
     """
     if args.arch == "dpt":
-        return ddp_mean(soft_cross_entropy(pred_u, targets, gate), int(gate.sum()), device)
+        return soft_cross_entropy(pred_u, targets, gate, group=dist.group.WORLD)  # the mean over all ranks' pixels
     valid = None if args.m2f_ignore_as_negative else list(gate)  # ignored pixels out of the mask loss
     return models.mask2former_loss(pred_u, models.semantic_to_targets(label, args.num_classes), valid_masks=valid,
                                    **M2F_SYNTHETIC)["loss"]
@@ -550,7 +573,8 @@ def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
             if query_conf is not None:  # Mask2Former: share of images the image gate keeps
                 logs["image_ratio"] = float((query_conf >= args.conf_thresh).float().mean())
             # 4. OT: soft pseudo-labels and the γ gate (sense; pseudo and soft take the teacher's own labels)
-            targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, run.class_marginal)  # (B, K, c, c)
+            targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, run.class_marginal,
+                                                        (truth or [None])[0])  # (B, K, c, c), (B, c, c)
             label_u, gate = synthetic_labels(targets, gate, ignore_u, query_conf, args)  # (B, c, c) ×2
             logs.update(target_logs, mask_ratio=float(gate.float().mean()))
         # 5. the student, one forward on [x; u_s]
@@ -639,6 +663,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     use_synthetic: bool
     total: int  # steps of the whole run
+    thing_ids: torch.Tensor  # (T,) class indices of the dataset's thing classes
     out: Path
     class_marginal: str | torch.Tensor = "uniform"  # OT's class marginal (a (K,) tensor for --ot-marginal prior)
     start: int = 0
@@ -646,6 +671,8 @@ class Run:
     best_step: int | None = None
     result: dict | None = None  # the last evaluation
     pseudo_confusion: torch.Tensor | None = None  # toy world: (K, K) pixels, rows true class, columns trained label
+    # toy world, since the last evaluation: per true class, synthetic pixels, those gated, those gated and labelled right
+    gate_counts: torch.Tensor | None = None  # (K, 3) int64
     real_iter: object = None
     syn_iter: object = None
     val_loader: object = None
@@ -730,7 +757,7 @@ def prepare(args: argparse.Namespace) -> Run:
     steps_per_epoch = max(1, epoch_len // (B * world * args.grad_accum))
     total = args.iters or args.epochs * steps_per_epoch
     # Real datasets: the EMA teacher is evaluated after every epoch and the best kept (best.pt), as the reference
-    # code reports its numbers; the toy preset evaluates every 100 steps to stay at minutes.
+    # code reports its numbers; the toy preset evaluates every 150 steps to stay at minutes.
     args.eval_every = args.eval_every or (steps_per_epoch if args.dataset != "toy" else max(1, total // 4))
     args.save_every = args.save_every or args.eval_every
     args.panel_every = args.eval_every if args.panel_every is None else args.panel_every
@@ -758,7 +785,10 @@ def prepare(args: argparse.Namespace) -> Run:
     run = Run(args=args, spec=spec, device=device, is_main=rank == 0, distributed=distributed, amp_dtype=amp_dtype,
               scaler=torch.amp.GradScaler(device.type, enabled=amp == "fp16"),  # a scaler only for fp16
               student=student, teacher=teacher, net=student, optimizer=optimizer, use_synthetic=use_synthetic,
-              total=total, out=out, pseudo_confusion=torch.zeros(K, K, dtype=torch.int64))
+              thing_ids=torch.tensor([spec.classes.index(name) for name in data.thing_classes(args.dataset)],
+                                     dtype=torch.int64, device=device),
+              total=total, out=out, pseudo_confusion=torch.zeros(K, K, dtype=torch.int64),
+              gate_counts=torch.zeros(K, 3, dtype=torch.int64))
     restore(run, resume)
     if distributed:
         run.net = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
@@ -867,11 +897,13 @@ def record(run: Run, done: int, logs: dict, views: list[dict], skipped: bool) ->
     """What the pseudo-labels were (label_stats; toy world: against the true layouts, and their confusion), then
     a log line every --log-every steps. A skipped step counts in `skipped` only: its NaN would spoil the means."""
     for view in views:
-        logs.update(label_stats(view["teacher_label"], view["target_label"], view["gate"], view["truth"]))
+        logs.update(label_stats(view["teacher_label"], view["target_label"], view["gate"], view["truth"],
+                                things=run.thing_ids))
         if view["truth"] is not None and not skipped:  # toy world: which true class each trained pseudo-label had
             trained = view["gate"] & (view["truth"] != data.IGNORE_INDEX)
             run.pseudo_confusion += confusion_matrix(view["label"][trained], view["truth"][trained],
                                                      run.args.num_classes)
+            run.gate_counts += gate_counts(view["label"], view["gate"], view["truth"], run.args.num_classes)
     run.interval["steps"] += 1
     run.interval["skipped"] += skipped
     for key, value in ({} if skipped else logs).items():
@@ -887,13 +919,15 @@ def record(run: Run, done: int, logs: dict, views: list[dict], skipped: bool) ->
 
 
 def draw_panel(run: Run, done: int, logs: dict, view: dict) -> None:
-    """panels/stepNNNNNNN.png: per synthetic sample the weak view, the true layout (toy world), the teacher's
-    argmax, where OT changed it, the label trained on and the student on the strong view."""
+    """panels/stepNNNNNNN.png: per synthetic sample the weak view (CutMixed, as the teacher's scores are), the true
+    layout (toy world), the teacher's argmax, where OT changed it, the label trained on and the student on the strong
+    view."""
     args, spec = run.args, run.spec
     n = min(PANEL_SAMPLES, args.batch_size)
     student = view["student"] if args.arch == "dpt" else models.mask2former_scores(view["student"], view["size"])
     palette = lambda label: data.colorize(label[:n].cpu(), spec.palette)  # noqa: E731
-    columns = [("weak view (CutMix)", data.denormalize(view["weak"][:n])),  # what the teacher saw
+    # the weak views with the CutMix boxes pasted: the teacher saw them unmixed, and its scores were mixed by the boxes
+    columns = [("weak view (CutMix)", data.denormalize(view["weak"][:n])),
                ("teacher argmax", palette(view["teacher_label"])),
                ("OT changed", changed_map(view["teacher_label"][:n].cpu(), view["target_label"][:n].cpu(),
                                           view["gate"][:n].cpu(), view["valid"][:n].cpu())),
@@ -927,6 +961,14 @@ def evaluate_teacher(run: Run, done: int) -> None:
                 "things": list(data.thing_classes(args.dataset))}
         if run.pseudo_confusion.any():  # rows: true class, columns: trained pseudo-label (pixels)
             line["pseudo_confusion"] = run.pseudo_confusion.tolist()
+        if run.gate_counts.any():  # since the last evaluation, per true class: % of its pixels gated, % of those right
+            pixels, gated, right = run.gate_counts.double().unbind(1)
+            line["gated"] = [round(float(100 * g / p), 2) if p else None for g, p in zip(gated, pixels)]
+            line["gated_right"] = [round(float(100 * r / g), 2) if g else None for r, g in zip(right, gated)]
+            tqdm.write("synthetic pixels gated since the last evaluation, per true class: " + ", ".join(
+                f"{name} {'-' if g is None else f'{g:.1f}%'} ({'-' if r is None else f'{r:.1f}%'} right)"
+                for name, g, r in zip(run.spec.classes, line["gated"], line["gated_right"])))
+        run.gate_counts.zero_()
         with open(run.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -1082,17 +1124,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def label_stats(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,
-                truth: torch.Tensor | None) -> dict:
+                truth: torch.Tensor | None, things: torch.Tensor | None = None) -> dict:
     """What OT did to the labels, and how right the pseudo-labels are (toy world: against the true layout).
 
     Args:
         teacher_label, target_label: (B, H, W) argmax of the teacher and of the targets.
         gate: (B, H, W) bool, the pixels trained on.
         truth: (B, H, W) true layout (255 = unknown), or None.
+        things: (T,) int64 class indices of the thing classes, or None.
     Returns:
         ot_changed: share of the trained pixels whose label differs from the teacher's argmax (0 without OT);
         acc_trained / acc_all: pseudo-label accuracy on the trained pixels / on all pixels with a true class;
-        acc_teacher: the teacher's argmax accuracy on all pixels with a true class.
+        acc_teacher: the teacher's argmax accuracy on all pixels with a true class;
+        things_gated: share of the synthetic pixels of thing classes (by their true class) that are trained on.
         An accuracy over no pixel is left out (not NaN), so that means over a log interval stay finite.
     """
     changed = target_label != teacher_label
@@ -1106,7 +1150,26 @@ def label_stats(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: t
         if known.any():
             stats["acc_all"] = float(right[known].float().mean())
             stats["acc_teacher"] = float((teacher_label == truth)[known].float().mean())
+        thing = torch.isin(truth, things) if things is not None else torch.zeros_like(known)
+        if thing.any():
+            stats["things_gated"] = float(gate[thing].float().mean())
     return stats
+
+
+def gate_counts(label: torch.Tensor, gate: torch.Tensor, truth: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per true class: its synthetic pixels, those the gate passes, and those passed with the right label.
+
+    Args:
+        label: (B, H, W) int64 trained-on label. gate: (B, H, W) bool. truth: (B, H, W) true layout, 255 = none.
+    Returns:
+        (K, 3) int64 counts: pixels, gated, gated and right.
+    """
+    known = truth != data.IGNORE_INDEX
+    cls = truth[known]
+    gated = gate[known]
+    right = gated & (label[known] == cls)
+    return torch.stack([torch.bincount(cls[mask], minlength=num_classes)
+                        for mask in (torch.ones_like(gated), gated, right)], 1)
 
 
 def changed_map(teacher_label: torch.Tensor, target_label: torch.Tensor, gate: torch.Tensor,

@@ -304,3 +304,15 @@ def test_gate_report_counts_what_the_gate_lets_through(tmp_path):
     np.testing.assert_array_equal(counts["gated_as"][:2], [0, 127])
     table = quality.format_gate_report(counts, data.TOY_CLASSES)
     assert "| sky | 127 | 49.6 | 0.0 | 0 |" in table and "| ball | 0 | – | – | 0 |" in table
+
+
+def test_gate_report_of_several_teachers_is_mean_and_std_per_class():
+    one = {"pixels": np.array([100, 50, 0]), "gated": np.array([50, 10, 0]), "correct": np.array([50, 5, 0]),
+           "gated_as": np.array([60, 10, 0])}
+    two = {"pixels": np.array([100, 50, 0]), "gated": np.array([70, 20, 0]), "correct": np.array([35, 20, 0]),
+           "gated_as": np.array([80, 20, 0])}
+    table = quality.format_gate_report([one, two], ("sky", "grass", "road"))
+    # sky: 50 % and 70 % gated -> 60.0 ± 14.1; right: 100 % and 50 % -> 75.0 ± 35.4; gated as: mean 70
+    assert "| sky | 100 | 60.0 ± 14.1 | 75.0 ± 35.4 | 70 |" in table
+    assert "| grass | 50 | 30.0 ± 14.1 | 75.0 ± 35.4 | 15 |" in table and "| road | 0 | – | – | 0 |" in table
+    assert "(2 teachers)" in table.splitlines()[0]

@@ -551,6 +551,59 @@ def test_label_stats_count_ot_changes_on_trained_pixels_and_accuracy_on_the_trut
     assert set(train.label_stats(teacher, target, gate, None)) == {"ot_changed"}
 
 
+def test_truth_controls_train_the_true_layouts_on_every_pixel_or_on_the_teachers_gate():
+    torch.manual_seed(0)
+    logits = torch.randn(2, K, 6, 6) * 4
+    valid = torch.ones(2, 6, 6, dtype=torch.bool)
+    valid[0, 0] = False  # padding
+    truth = torch.randint(0, K, (2, 6, 6))
+    truth[1, 2] = data.IGNORE_INDEX  # a pixel with no true class
+    known = valid & (truth != data.IGNORE_INDEX)
+    teacher_gate = (logits.softmax(1).amax(1) >= 0.95) & valid
+    assert 0 < int(teacher_gate.sum()) < int(known.sum())
+    one_hot = torch.nn.functional.one_hot(torch.where(known, truth, 0), K).movedim(-1, 1).float()
+    targets, gate, _ = train.pseudo_targets(logits, valid, method_args("truth"), "present", truth)
+    assert torch.equal(gate, known) and torch.equal(targets[known.unsqueeze(1).expand_as(targets)],
+                                                    one_hot[known.unsqueeze(1).expand_as(one_hot)])
+    targets, gate, _ = train.pseudo_targets(logits, valid, method_args("truth_gated"), "present", truth)
+    assert torch.equal(gate, teacher_gate & known)
+    assert torch.equal(targets.argmax(1)[gate], truth[gate])  # the truth, not the teacher, on the gate
+    assert (targets.argmax(1)[gate] != logits.argmax(1)[gate]).any()
+
+
+@pytest.mark.parametrize("extra", [["--dataset", "cityscapes"], ["--arch", "mask2former"]])
+def test_truth_controls_need_the_toy_world_and_dpt(extra):
+    args = train.parse_args(["--method", "truth", *extra])
+    given = train.given_flags(args)
+    with pytest.raises(ValueError, match="--method truth: a control of the toy world"):
+        train.check_flags(train.resolve_presets(args), given)
+
+
+def test_gate_counts_per_true_class_and_things_gated():
+    truth = torch.tensor([[[0, 0, 3, 3, 4, 255]]])
+    label = torch.tensor([[[0, 1, 3, 0, 4, 4]]])
+    gate = torch.tensor([[[True, True, True, False, False, True]]])
+    counts = train.gate_counts(label, gate, truth, K)
+    expected = np.zeros((K, 3), np.int64)
+    expected[0] = (2, 2, 1)  # two sky pixels, both gated, one labelled right
+    expected[3] = (2, 1, 1)
+    expected[4] = (1, 0, 0)
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    stats = train.label_stats(label, label, gate, truth, things=torch.tensor([3, 4, 5, 6]))
+    assert stats["things_gated"] == pytest.approx(1 / 3)  # of the three thing pixels, one is trained on
+
+
+def test_truth_gated_run_logs_the_gate_per_class_at_each_evaluation(toy_root, tmp_path):
+    out = tmp_path / "run"
+    run_main(flags(toy_root, out, "--method", "truth_gated", "--conf-thresh", "0"))  # the gate passes every pixel
+    train_lines, eval_lines = read_metrics(out)
+    assert all(line["acc_trained"] == 1.0 for line in train_lines)  # trained on the true layouts
+    gated, right = eval_lines[-1]["gated"], eval_lines[-1]["gated_right"]
+    assert len(gated) == K and all(g == 100.0 for g in gated if g is not None)
+    assert all(r == 100.0 for r in right if r is not None)
+    assert all(line.get("things_gated", 1.0) == 1.0 for line in train_lines)
+
+
 def test_panel_has_a_header_over_every_column_and_a_legend(tmp_path):
     pictures = np.full((2, 8, 8, 3), 128, np.uint8)
     columns = [(f"column {j}", pictures) for j in range(3)]
