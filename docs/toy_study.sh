@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The paper's studies on the toy world, 3 seeds each: methods, OT variants, density × fidelity, selection by
-# quality.py, synthetic scale. Two single-thread runs at a time (one per core of a 2-core CPU, where a SENSE run then
-# takes ~4.5 minutes): sections 1-3 about 100 minutes, section 4 (6× scale) about 10 more.
+# The toy world's study, 3 seeds each: first the paper's preconditions (P1: synthetic images are useful, measured by
+# training on their true layouts; P2: the supervised teacher's γ gate keeps every class), then the methods against
+# the supervised baselines. Two single-thread runs at a time (one per core of a 2-core CPU): about 2 hours
+# (section 1, the methods: ~80; section 2, the schedule: ~40).
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
-#   bash docs/toy_study.sh summarize       # the README's tables: runs/study/<study>.md (python eval.py --summarize)
-#
-# Runs shared between studies (the default SENSE run is dense-fine, 2×, OT at the paper's settings) are links to
-# the one run folder, so every table counts the same seeds.
+#   bash docs/toy_study.sh summarize       # the tables of docs/toy_study.md: runs/study/*.md
+#   bash docs/toy_study.sh quick           # one seed of supervised_B, truth and sense, and their curves (~8 min)
 set -euo pipefail
 shopt -s nullglob  # a group with no finished run yet is left out of its table
 cd "$(dirname "$0")/.."
 S=runs/study
 SEEDS="0 1 2"
+STEPS=900  # the toy preset's schedule (train.py TOY_SCHEDULE); the baseline's 2× and 4× schedules below
 
 summarize() {
-  python eval.py --summarize $S/methods/{supervised_B,supervised_2B,pseudo,soft,sense}_s[0-9] --per-class --out $S/methods.md
-  python eval.py --summarize $S/ot/{sense,plan_gate,prior,iters_100,beta_0.5}_s[0-9] --per-class --out $S/ot.md
-  python eval.py --summarize $S/factors/{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] --out $S/factors.md
-  python eval.py --summarize $S/select/{bottom,random,top}_s[0-9] --out $S/select.md
-  python eval.py --summarize $S/scale/{x1,x2,x4,x6}_s[0-9] --out $S/scale.md
+  python eval.py --summarize $S/methods/{supervised_B,supervised_2B,truth,truth_gated,pseudo,soft,sense}_s[0-9] \
+    --per-class --out $S/methods.md
+  python eval.py --summarize $S/methods/{supervised_B,sense,plan_gate,pseudo_all}_s[0-9] --per-class --out $S/plan.md
+  python eval.py --summarize $S/schedule/{supervised_B_x1,sense_x1,supervised_B_x2,sense_x2,supervised_B_x4}_s[0-9] \
+    --per-class --out $S/schedule.md
+  # P2: the γ gate of the final EMA teachers of supervised_B (one per seed) on 64 dense-fine synthetic images
+  python quality.py gate --teacher $S/methods/supervised_B_s[0-9]/last.pt --images data/toy/synthetic.txt \
+    --device cpu | tee $S/gate_supervised_B.md
+  python quality.py gate --teacher $S/methods/sense_s[0-9]/last.pt --images data/toy/synthetic.txt \
+    --device cpu | tee $S/gate_sense.md
 }
 if [ "${1:-}" = "summarize" ]; then summarize; exit 0; fi
 
@@ -33,46 +38,38 @@ link() { mkdir -p "$(dirname "$2")"; ln -sfn "$(realpath --relative-to="$(dirnam
 python data.py toy --root data/toy                  # the toy world (seconds), if not there yet
 python model.py --backbone toy --num-classes 7      # the pretrained toy backbone (minutes), if not there yet
 
-# 1. methods: the supervised baselines (B and 2B real images per step), the teacher's labels without OT, SENSE
+if [ "${1:-}" = "quick" ]; then  # for a class: the baseline, the upper bound and SENSE, one seed, with the curves
+  for m in supervised truth sense; do echo "$S/quick/${m}_s0 --method $m --seed 0"; done | run_all
+  python eval.py --plot $S/quick/{supervised,truth,sense}_s0 --out $S/quick/curves.png
+  python eval.py --summarize $S/quick/{supervised,truth,sense}_s0 --per-class
+  exit 0
+fi
+
+# 1. methods, seed by seed (a study cut short has every group at the same number of seeds): the supervised baselines
+# (B and 2B real images per step), the controls on the synthetic images' true layouts (every pixel; the pixels the
+# teacher's gate passes), the teacher's own labels without OT (hard, soft), SENSE, SENSE gated on the OT plan, and
+# its control without OT and without a gate (the teacher's argmax on every pixel)
 for s in $SEEDS; do
   echo "$S/methods/supervised_B_s$s --method supervised --seed $s"
+  echo "$S/methods/truth_s$s --method truth --seed $s"
+  echo "$S/methods/sense_s$s --seed $s"
+  echo "$S/methods/truth_gated_s$s --method truth_gated --seed $s"
   echo "$S/methods/supervised_2B_s$s --method supervised --real-batch 16 --seed $s"
   echo "$S/methods/pseudo_s$s --method pseudo --seed $s"
   echo "$S/methods/soft_s$s --method soft --seed $s"
-  echo "$S/methods/sense_s$s --seed $s"
+  echo "$S/methods/plan_gate_s$s --ot-gate plan --seed $s"
+  echo "$S/methods/pseudo_all_s$s --method pseudo --conf-thresh 0 --seed $s"
 done | run_all
 
-# 2. the selection pool scored by the seed-0 supervised model (density) and GLCM (fidelity); top / bottom / random half
-python quality.py score --images data/toy/synthetic_pool.txt --teacher $S/methods/supervised_B_s0/last.pt \
-  --out $S/select/scores.csv
-python quality.py select --scores $S/select/scores.csv --by both --top 0.5 --out $S/select/top.txt
-python quality.py select --scores $S/select/scores.csv --by both --bottom 0.5 --out $S/select/bottom.txt
-python quality.py select --scores $S/select/scores.csv --by random --top 0.5 --out $S/select/random.txt
-
-# 3. OT variants, density × fidelity, selection, scale: seed 0 of every group first, then seed 1, then seed 2, so
-# that a study cut short still has every group at the same number of seeds
+# 2. the schedule: how far the supervised baseline is from levelling off (2× and 4× the default steps), and SENSE at
+# 2× the steps, where the loop's own teacher has time to become sure of every class
 for s in $SEEDS; do
-  link $S/methods/sense_s$s $S/ot/sense_s$s
-  link $S/methods/sense_s$s $S/factors/dense_fine_s$s
-  link $S/methods/sense_s$s $S/scale/x2_s$s
+  link $S/methods/supervised_B_s$s $S/schedule/supervised_B_x1_s$s
+  link $S/methods/sense_s$s $S/schedule/sense_x1_s$s
 done
 for s in $SEEDS; do
-  echo "$S/ot/plan_gate_s$s --ot-gate plan --seed $s"
-  echo "$S/ot/prior_s$s --ot-marginal prior --seed $s"
-  echo "$S/ot/iters_100_s$s --ot-iters 100 --seed $s"
-  echo "$S/ot/beta_0.5_s$s --ot-beta 0.5 --seed $s"
-  for kind in sparse_coarse sparse_fine dense_coarse; do
-    echo "$S/factors/${kind}_s$s --synthetic data/toy/synthetic_$kind.txt --seed $s"
-  done
-  for half in top bottom random; do
-    echo "$S/select/${half}_s$s --synthetic $S/select/$half.txt --seed $s"
-  done
-  for m in 1 4; do
-    echo "$S/scale/x${m}_s$s --synthetic data/toy/synthetic_x$m.txt --seed $s"
-  done
+  echo "$S/schedule/supervised_B_x2_s$s --method supervised --iters $((2 * STEPS)) --seed $s"
+  echo "$S/schedule/sense_x2_s$s --iters $((2 * STEPS)) --seed $s"
 done | run_all
-# 4. last, if there is time: 6× synthetic
-for s in $SEEDS; do
-  echo "$S/scale/x6_s$s --synthetic data/toy/synthetic_x6.txt --seed $s"
-done | run_all
+for s in $SEEDS; do echo "$S/schedule/supervised_B_x4_s$s --method supervised --iters $((4 * STEPS)) --seed $s"; done | run_all
 summarize

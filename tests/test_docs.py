@@ -94,3 +94,31 @@ def test_every_cpu_command_of_the_readme_runs_in_ci():
             missing.append(command)
     assert not missing, f"README commands that .ci/run never runs: {missing}"
     assert "python train.py --iters 20" in ci  # the first command itself, on the clean clone, before any other run
+
+
+MEAN_STD = re.compile(r"(-?\d+\.\d+) ± (\d+\.\d+)")
+
+
+def table_cells(text: str) -> set[str]:
+    """Every "mean ± std" cell of the markdown tables in text."""
+    cells = set()
+    for line in text.splitlines():
+        if line.lstrip().startswith("|"):
+            cells |= {" ± ".join(match) for match in MEAN_STD.findall(line)}
+    return cells
+
+
+def test_numbers_quoted_from_the_toy_tables_are_in_the_tables():
+    """A "mean ± std" written anywhere in the README or the docs (prose, or a table that copies rows) must be a cell
+    of a table in docs/toy_study.md, where every table is eval.py's or quality.py's output: a number that drifted
+    from its table fails here."""
+    tables = table_cells((REPO / "docs" / "toy_study.md").read_text())
+    assert tables, "docs/toy_study.md has no mean ± std table"
+    stale = []
+    for path in DOCS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if path.name == "toy_study.md" and line.lstrip().startswith("|"):
+                continue  # its table rows are the source; a table elsewhere (the README's) quotes them
+            stale += [f"{path.name}:{number}: {' ± '.join(m)}" for m in MEAN_STD.findall(line)
+                      if " ± ".join(m) not in tables]
+    assert not stale, stale

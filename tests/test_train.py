@@ -233,6 +233,8 @@ def check_run(out: Path, arch: str, method: str, steps: int = 2) -> dict:
         expected |= {"mask_ratio", "ot_changed", "acc_all", "acc_teacher"}
         if "acc_trained" in logs[-1]:  # only when some pixel with a true class passed the gate
             expected |= {"acc_trained"}
+        if "things_gated" in logs[-1]:  # only when the crops held a thing pixel
+            expected |= {"things_gated"}
     if method == "sense":
         expected |= {"ot_err"}
     if method != "supervised" and arch == "mask2former":
@@ -782,9 +784,9 @@ def test_ten_non_finite_steps_in_a_row_stop_with_one_line_and_the_last_good_chec
     argv = flags(toy_root, out, "--save-every", "1", "--eval-every", "100", "--conf-thresh", "0", iters=30)
     code = ("import ot, runpy, sys\n"  # the loss of step 3 on is NaN, as train.py's own name for it
             "real, calls = ot.soft_cross_entropy, [0]\n"
-            "def nan_from_3(*args):\n"
+            "def nan_from_3(*args, **kwargs):\n"
             "    calls[0] += 1\n"
-            "    return real(*args) * (float('nan') if calls[0] >= 3 else 1.0)\n"
+            "    return real(*args, **kwargs) * (float('nan') if calls[0] >= 3 else 1.0)\n"
             "ot.soft_cross_entropy = nan_from_3\n"
             f"sys.argv = ['train.py', *{argv!r}]\n"
             "runpy.run_path('train.py', run_name='__main__')\n")
