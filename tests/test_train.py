@@ -804,7 +804,7 @@ def test_ten_non_finite_steps_in_a_row_stop_with_one_line_and_the_last_good_chec
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--iters", "0"], "--iters 0: must be at least 1"),  # was: the preset's 300 steps
+    (["--iters", "0"], "--iters 0: must be at least 1"),  # was: the preset's steps
     (["--batch-size", "0"], "--batch-size 0: must be at least 1"),  # was: the preset's 8
     (["--crop-size", "0"], "--crop-size 0: must be at least 1"),  # was: the preset's 64
     (["--log-every", "0"], "--log-every 0: must be at least 1"),  # was: ZeroDivisionError after the first step
