@@ -565,7 +565,8 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
 # images than the segmentation data; so does the toy ViT: a linear classifier on its last tokens learns the
 # pretraining world's own 13 classes (data.render_pretrain_scene: textures and shapes, no toy-world image), then only
 # the ViT is kept. As DINOv2's images hold cars, the pretraining world holds discs, boxes, triangles and diamonds,
-# the outlines of the toy world's things, filled with other textures and colours than theirs. A linear head, as in DINOv2's linear probes, puts the semantics in
+# the outlines of the toy world's things, filled with other textures and colours than theirs. A linear head, as in
+# DINOv2's linear probes, puts the semantics in
 # the backbone (a DPT head would learn half of them itself) and costs a quarter of a DPT step. Made once, on first
 # use, in a few CPU minutes.
 
