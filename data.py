@@ -405,7 +405,8 @@ def _atomic_write(path: Path, write) -> None:
         raise DataError(f"{path}: cannot write ({error.strerror or error})") from None
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a (H, W) uint8 label map (or any PIL-readable array) as PNG, atomically."""
     _atomic_write(path, lambda temporary: Image.fromarray(array).save(temporary, format="PNG", compress_level=1))
 
 
@@ -602,7 +603,7 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
                     raise DataError(f"{file}: annotation {annotation.get('id')} has an unreadable "
                                     f"segmentation ({error})") from None
                 mask[region] = IGNORE_INDEX if annotation.get("iscrowd", 0) else class_of[annotation["category_id"]]
-            _save_png(mask, out)
+            save_png(mask, out)
             written += 1
     return written
 
@@ -896,7 +897,7 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
                 temporary, format="JPEG", quality=TOY_JPEG_QUALITY, subsampling=0))
             # synthetic images get no label line: their layout goes to synthetic_truth/, read only to measure
             # pseudo-labels, never to train
-            _save_png(label, root / (label_file or truth_file))
+            save_png(label, root / (label_file or truth_file))
             lines.append(f"{image_file} {label_file}" if label_file else image_file)
             progress.update()
         splits[split] = lines

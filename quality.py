@@ -15,6 +15,8 @@ the grey image and the JPEG compression ratio, both rising with high-frequency d
         --out runs/quality/top.txt --sheet runs/quality/sheet.png
     python quality.py ladder --scores runs/quality/scores.csv --out-dir runs/quality/ladder
     python quality.py gate --teacher runs/toy_dpt_supervised/last.pt --images data/toy/synthetic.txt  # per class
+    python quality.py label --teacher runs/toy_dpt_supervised/last.pt --images data/toy/synthetic/dense_fine \
+        --out runs/labels/dense_fine && python train.py --method supervised --train-split runs/labels/dense_fine/labels.txt
     python quality.py score --images /data/flux_seed0 --teacher runs/cityscapes_dpt_sense/last.pt --device cuda --out scores.csv
     python quality.py score --images /data/flux_seed0 --detector pretrained/grounding-dino-base --dataset cityscapes \
         --out scores.csv && python quality.py ladder --scores scores.csv --density boxes --out-dir ladder
@@ -25,6 +27,7 @@ batch, E neighbour pairs.
 import argparse
 import csv
 import io
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,6 +43,8 @@ from tqdm import tqdm
 
 import data
 import model
+import train
+from eval import SEED_SUFFIX, confusion_matrix, miou_from_confusion
 
 # ITU-R 601-2 luma in 16-bit fixed point with rounding, exactly as PIL's Image.convert("L") computes it
 # (Pillow src/libImaging/Convert.c, L24): grey = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
@@ -130,6 +135,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gate.add_argument("--conf-thresh", type=float, default=0.95, help="γ, the confidence gate (default: 0.95)")
     gate.add_argument("--max-images", type=int, default=None, help="the first N images only (default: all)")
     gate.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device (default: auto)")
+
+    label = sub.add_parser("label", help="the paper's Section 3 protocol: a fixed teacher labels every synthetic "
+                                         "image; writes PNG labels and a split file for train.py --train-split")
+    who = label.add_mutually_exclusive_group(required=True)
+    who.add_argument("--teacher", help="train.py checkpoint (its EMA teacher), trained on real images")
+    who.add_argument("--truth", action="store_true",
+                     help="the toy world's stored true layouts instead (the control: an upper bound per split)")
+    label.add_argument("--images", required=True, help="folder of images (recursive) or split file (.txt)")
+    label.add_argument("--out", required=True, help=f"folder for the labels and their split file {LABEL_SPLIT}")
+    label.add_argument("--tta", default=None, choices=("none", "flip", "scales"),
+                       help="the teacher's TTA views (default: the teacher's run's own, train.py --tta)")
+    label.add_argument("--conf-thresh", type=float, default=0.0,
+                       help="label 255 (ignore) below this confidence (default: 0, every pixel labelled, as the "
+                            "paper's protocol)")
+    label.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), or a torch device (default: auto)")
+
+    truth = sub.add_parser("truth", help="per class IoU of labelled splits against the stored true layouts (toy)")
+    truth.add_argument("--labels", required=True, nargs="+",
+                       help=f"split file(s) of `quality.py label` ({LABEL_SPLIT}); one column per folder name without "
+                            f"its seed suffix (dense_fine_s0, dense_fine_s1 -> dense_fine: mean ± std)")
+    truth.add_argument("--dataset", default="toy", choices=sorted(data.DATASETS),
+                       help="class names of the labels (default: toy)")
     return parser.parse_args(argv)
 
 
@@ -418,13 +445,32 @@ def count_instances(label: torch.Tensor, min_area: int = 1, connectivity: int = 
 
 # ---------------------------------------------------------------- teacher
 
-def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, str | None]:
-    """The EMA teacher of a train.py checkpoint, in eval mode on device, and the dataset it was trained on."""
+def load_teacher(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The EMA teacher of a train.py checkpoint, in eval mode on device, and the run's arguments (its dataset, its
+    teacher's TTA)."""
     try:
         teacher, args = model.load_checkpoint_model(path, weights="ema")
     except ValueError as error:
         raise ValueError(str(error).replace("--checkpoint", "--teacher", 1)) from None
-    return teacher.to(device), args.get("dataset")
+    return teacher.to(device), args
+
+
+def teacher_input(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """What the teacher sees of whole images: normalised as in training, resized to the nearest patch multiple.
+
+    Args:
+        teacher: a model from model.build_model.
+        images: (B, 3, H, W) uint8 RGB on the teacher's device.
+    Returns:
+        (B, 3, h, w) float32, h and w the nearest multiples of the teacher's patch size.
+    """
+    patch = teacher.patch_size
+    H, W = images.shape[-2:]
+    size = (max(patch, round(H / patch) * patch), max(patch, round(W / patch) * patch))
+    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std  # (B, 3, H, W) normalised as in training
+    return x if (H, W) == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()  # scoring only: no graph
@@ -437,14 +483,7 @@ def teacher_labels(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tens
     Returns:
         (B, h, w) int64 class map, h and w the nearest multiples of the teacher's patch size.
     """
-    patch = teacher.patch_size
-    H, W = images.shape[-2:]
-    size = (max(patch, round(H / patch) * patch), max(patch, round(W / patch) * patch))
-    mean = torch.tensor(data.IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std  # (B, 3, H, W) normalised as in training
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # (B, 3, h, w)
-    return model.class_scores(teacher, x).argmax(1)  # (B, h, w)
+    return model.class_scores(teacher, teacher_input(teacher, images)).argmax(1)  # (B, h, w)
 
 
 @torch.no_grad()
@@ -470,11 +509,9 @@ def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], data
     for image_path, label_path in samples:
         image = torch.from_numpy(data.load_image(image_path)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W)
         truth = torch.from_numpy(data.load_label(dataset, label_path).astype(np.int64))[None, None].float()
-        patch = teacher.patch_size
-        size = (max(patch, round(image.shape[-2] / patch) * patch), max(patch, round(image.shape[-1] / patch) * patch))
-        x = (image.float() / 255 - torch.tensor(data.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(
-            data.IMAGENET_STD, device=device).view(1, 3, 1, 1)
-        scores = model.class_scores(teacher, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        x = teacher_input(teacher, image)  # (1, 3, h, w)
+        size = tuple(x.shape[-2:])
+        scores = model.class_scores(teacher, x)
         probabilities = scores.softmax(1) if teacher.arch == "dpt" else scores  # (1, K, h, w)
         confidence, label = probabilities.max(1)  # (1, h, w)
         truth = F.interpolate(truth, size=size, mode="nearest")[:, 0].long().to(device)  # (1, h, w)
@@ -511,6 +548,166 @@ def format_gate_report(counts: dict[str, np.ndarray] | list[dict[str, np.ndarray
         gated_as = round(float(np.mean([run["gated_as"][k] for run in runs])))
         lines.append(f"| {name} | {round(float(np.mean(pixels)))} | {cell(share)} | {cell(right)} | {gated_as} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- label: the paper's Section 3 protocol
+
+LABEL_SPLIT = "labels.txt"  # the split file `quality.py label` writes in its --out folder
+LABEL_RECORD = "label.json"  # what made the labels there: a rerun with other settings must not mix with them
+
+
+def label_name(image: Path, base: Path) -> Path:
+    """Where an image's label goes below the --out folder: the image's path below `base` (the source folder, or the
+    split file's folder) with a .png suffix; its last folder and name when it lies elsewhere."""
+    image, base = image.resolve(), base.resolve()
+    relative = image.relative_to(base) if image.is_relative_to(base) else Path(*image.parts[-2:])
+    return relative.with_suffix(".png")
+
+
+@torch.no_grad()  # labelling only: no graph
+def teacher_label(teacher: torch.nn.Module, image: np.ndarray, tta: str, conf_thresh: float = 0.0) -> np.ndarray:
+    """The fixed teacher's label map of one whole image (the paper's Section 3: a teacher trained on real images
+    labels every synthetic image once).
+
+    The image is seen as teacher_input makes it, with the training teacher's TTA views (train.teacher_predict on
+    every image), the scores resized back to the image size; the label is their argmax.
+
+    Args:
+        teacher: a model from model.build_model, in eval mode.
+        image: (H, W, 3) uint8 RGB.
+        tta: "none", "flip" or "scales".
+        conf_thresh: pixels whose largest class probability (DPT: softmax; Mask2Former: its scores) is below it
+            get 255 (ignore); 0 labels every pixel, as the paper's protocol.
+    Returns:
+        (H, W) uint8 train ids, 255 = below conf_thresh.
+    """
+    device = next(teacher.parameters()).device
+    H, W = image.shape[:2]
+    x = teacher_input(teacher, torch.from_numpy(image).permute(2, 0, 1)[None].to(device))  # (1, 3, h, w)
+    scores, _ = train.teacher_predict(teacher, x, tta, tta_images=1)  # (1, K, h, w)
+    if tuple(scores.shape[-2:]) != (H, W):
+        scores = model.resize(scores, (H, W), teacher.arch)  # (1, K, H, W)
+    confidence, label = train.teacher_probabilities(scores, teacher.arch).max(1)  # (1, H, W) each
+    label[confidence < conf_thresh] = data.IGNORE_INDEX
+    return label[0].to(torch.uint8).cpu().numpy()
+
+
+def label_images(teacher: torch.nn.Module, images: list[Path], out: Path, base: Path, *, tta: str,
+                 conf_thresh: float = 0.0, progress: bool = True) -> list[tuple[Path, Path]]:
+    """Label every image with the teacher, one PNG each below `out` (atomic writes; a label already there is kept,
+    so a cut run resumes where it stopped).
+
+    Args:
+        teacher: a model in eval mode.
+        images: image paths.
+        out: label folder.
+        base: the folder image paths are taken relative to (label_name).
+        tta, conf_thresh: as teacher_label.
+    Returns:
+        [(image, label file)] in the order of `images`.
+    """
+    samples = []
+    for image in tqdm(images, desc=f"labelling -> {out}", disable=not progress, leave=False):
+        target = out / label_name(image, base)
+        if not target.is_file():
+            data.save_png(teacher_label(teacher, data.load_image(image), tta, conf_thresh), target)
+        samples.append((image, target))
+    return samples
+
+
+def label_confusion(samples: list[tuple[Path, Path]], dataset: str) -> tuple[torch.Tensor, int, int] | None:
+    """How right a labelled split's labels are, against the stored true layouts (the toy world's synthetic images).
+
+    Args:
+        samples: (image, label) pairs; an image's true layout is at data.truth_path(image).
+        dataset: registry name.
+    Returns:
+        ((K, K) confusion over the labelled pixels, rows = truth; labelled pixels; pixels with a true class), or
+        None when an image has no stored true layout.
+    """
+    K = data.get_spec(dataset).num_classes
+    confusion, labelled, pixels = torch.zeros(K, K, dtype=torch.int64), 0, 0
+    for image, label_path in samples:
+        truth_file = data.truth_path(image)
+        if truth_file is None or not truth_file.is_file():
+            return None
+        truth = torch.from_numpy(data.load_label(dataset, truth_file).astype(np.int64))  # (H, W)
+        label = torch.from_numpy(data.load_label(dataset, label_path).astype(np.int64))  # (H, W)
+        if label.shape != truth.shape:
+            raise ValueError(f"{label_path}: label is {tuple(label.shape)} but its true layout {truth_file} is "
+                             f"{tuple(truth.shape)}")
+        known = truth != data.IGNORE_INDEX
+        kept = known & (label != data.IGNORE_INDEX)
+        confusion += confusion_matrix(label[kept], truth[kept], K)
+        labelled, pixels = labelled + int(kept.sum()), pixels + int(known.sum())
+    return confusion, labelled, pixels
+
+
+def format_label_report(groups: dict[str, list[tuple[torch.Tensor, int, int]]], class_names: tuple[str, ...]) -> str:
+    """Per class, the IoU of the labels against the true layouts, then the mIoU and the share of pixels labelled, as
+    a markdown table with one column per group of labelled splits (e.g. one split per teacher seed): the mean ±
+    sample std (ddof=1) over the group's splits, the value alone for one split."""
+    def cell(values: list[float]) -> str:
+        values = [value for value in values if not math.isnan(value)]
+        if not values:
+            return "–"
+        return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+
+    scores = {name: [miou_from_confusion(confusion) for confusion, _, _ in reports] for name, reports in groups.items()}
+    shares = {name: [100 * labelled / max(pixels, 1) for _, labelled, pixels in reports]
+              for name, reports in groups.items()}
+    lines = ["| IoU of the labels vs the true layouts | " + " | ".join(
+                 f"{name} ({len(reports)})" if len(reports) > 1 else name for name, reports in groups.items()) + " |",
+             "| --- |" + " ---: |" * len(groups)]
+    rows = [(name, [cell([score["iou"][k] for score in group]) for group in scores.values()])
+            for k, name in enumerate(class_names)]
+    rows.append(("mIoU", [cell([score["miou"] for score in group]) for group in scores.values()]))
+    rows.append(("pixels labelled (%)", [cell(share) for share in shares.values()]))
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
+    return "\n".join(lines)
+
+
+def label_split(args: argparse.Namespace) -> Path:
+    """`quality.py label`: the labelled split (a folder of PNGs and the split file train.py --train-split reads)."""
+    source, out = Path(args.images), Path(args.out)
+    images = [image for image, _ in list_images(source)]
+    base = source if source.is_dir() else source.parent
+    if args.truth:
+        teacher, dataset, tta = None, "toy", None
+    else:
+        device = model.pick_device(args.device)
+        teacher, teacher_args = load_teacher(args.teacher, device)
+        dataset = teacher_args.get("dataset") or "toy"
+        tta = args.tta or teacher_args.get("tta") or "none"  # as the run's own teacher saw its synthetic images
+    record = {"teacher": "truth" if args.truth else str(Path(args.teacher).resolve()),
+              "images": str(source.resolve()), "tta": tta, "conf_thresh": args.conf_thresh}
+    if (out / LABEL_RECORD).is_file():  # a rerun resumes only what the same settings started
+        before = json.loads((out / LABEL_RECORD).read_text())
+        changed = [key for key in record if before.get(key) != record[key]]
+        if changed:
+            raise ValueError(f"--out {out}: holds labels made with another {', '.join(changed)} "
+                             f"({out / LABEL_RECORD}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    data._atomic_write(out / LABEL_RECORD, lambda temporary: temporary.write_text(json.dumps(record) + "\n"))
+    if args.truth:  # the control: the stored true layouts themselves, an upper bound for any teacher
+        samples = []
+        for image in images:
+            truth_file = data.truth_path(image)
+            if truth_file is None or not truth_file.is_file():
+                raise ValueError(f"--truth: {image} has no stored true layout (only the toy world's synthetic "
+                                 f"images have one)")
+            samples.append((image, truth_file))
+    else:
+        what = "every pixel" if args.conf_thresh <= 0 else f"255 below confidence {args.conf_thresh}"
+        print(f"labelling {len(images)} images of {source} with {args.teacher} (TTA {tta}, {what})")
+        samples = label_images(teacher.eval(), images, out, base, tta=tta, conf_thresh=args.conf_thresh)
+        report = label_confusion(samples, dataset)
+        if report is not None:
+            print(format_label_report({out.name: [report]}, data.get_spec(dataset).classes))
+    data.write_split(out / LABEL_SPLIT, samples)
+    print(f"wrote {len(samples)} labelled images to {out / LABEL_SPLIT} "
+          f"(train on them: python train.py --method supervised --train-split {out / LABEL_SPLIT})")
+    return out / LABEL_SPLIT
 
 
 # ---------------------------------------------------------------- density: open-vocabulary detector (the paper's)
@@ -779,7 +976,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "score":
             device = model.pick_device(args.device)
             samples = list_images(args.images)
-            teacher, teacher_dataset = load_teacher(args.teacher, device) if args.teacher else (None, None)
+            teacher, teacher_args = load_teacher(args.teacher, device) if args.teacher else (None, {})
+            teacher_dataset = teacher_args.get("dataset")
             detector = None
             if args.detector is not None:
                 dataset = args.dataset or teacher_dataset or "toy"
@@ -805,10 +1003,24 @@ def main(argv: list[str] | None = None) -> None:
                 samples.append((image, label))
             counts = []
             for path in args.teacher:
-                teacher, dataset = load_teacher(path, device)
+                teacher, teacher_args = load_teacher(path, device)
+                dataset = teacher_args.get("dataset")
                 counts.append(gate_report(teacher.eval(), samples, dataset or "toy", args.conf_thresh))
             print(f"γ = {args.conf_thresh} gate of {' '.join(args.teacher)} on {len(samples)} images of {args.images}:")
             print(format_gate_report(counts, data.get_spec(dataset or "toy").classes))
+            return
+        if args.command == "label":
+            label_split(args)
+            return
+        if args.command == "truth":
+            groups = {}  # the folder of each split file, its seed suffix dropped (dense_fine_s1 -> dense_fine)
+            for path in args.labels:
+                report = label_confusion(data.read_split(path), args.dataset)
+                if report is None:
+                    raise ValueError(f"--labels {path}: an image has no stored true layout (synthetic_truth/)")
+                groups.setdefault(SEED_SUFFIX.sub("", Path(path).resolve().parent.name), []).append(report)
+            print(f"labels of {len(args.labels)} split(s) against the true layouts:")
+            print(format_label_report(groups, data.get_spec(args.dataset).classes))
             return
         rows = read_scores(args.scores)
         if args.command == "select":

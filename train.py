@@ -325,8 +325,10 @@ def _teacher_view(teacher: nn.Module, images: torch.Tensor, size: tuple[int, int
 
 
 @torch.no_grad()
-def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop).
+def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str, tta_images: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Teacher class scores on the weak views; TTA on the first half of the batch (step 2 of the loop), or on the
+    first `tta_images` images (quality.py label: all of them).
 
     TTA views (reference code): flip, and for "scales" also the image resized to crop + round(0.25 crop / p) p
     (halves up), with and without flip; every view's scores are resized straight to the crop (models.resize:
@@ -340,7 +342,7 @@ def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str) -> tuple
     """
     patch, arch, size = teacher.patch_size, teacher.arch, tuple(images.shape[-2:])
     scores, logits = _teacher_view(teacher, images, size, flip=False)  # plain pass on the whole batch
-    half = images.shape[0] // 2 if tta != "none" else 0
+    half = (images.shape[0] // 2 if tta_images is None else tta_images) if tta != "none" else 0
     if half:
         x = images[:half]
         views = [(scores[:half], None if logits is None else logits[:half]),  # the plain pass, reused

@@ -316,3 +316,84 @@ def test_gate_report_of_several_teachers_is_mean_and_std_per_class():
     assert "| sky | 100 | 60.0 ± 14.1 | 75.0 ± 35.4 | 70 |" in table
     assert "| grass | 50 | 30.0 ± 14.1 | 75.0 ± 35.4 | 15 |" in table and "| road | 0 | – | – | 0 |" in table
     assert "(2 teachers)" in table.splitlines()[0]
+
+
+def test_teacher_label_uses_the_training_teachers_tta_and_the_threshold():
+    image = np.zeros((16, 16, 3), np.uint8)
+    teacher = _LeftHalfTeacher()
+    # no TTA: class 1 (sure) on the left half; the right half is uniform, argmax class 0 at confidence 1/7
+    plain = quality.teacher_label(teacher, image, "none")
+    assert (plain[:, :8] == 1).all() and (plain[:, 8:] == 0).all()
+    gated = quality.teacher_label(teacher, image, "none", conf_thresh=0.5)
+    assert (gated[:, :8] == 1).all() and (gated[:, 8:] == data.IGNORE_INDEX).all()
+    # flip TTA averages the plain and the mirrored pass: logit 5 for class 1 everywhere, softmax e^5 / (e^5 + 6)
+    flipped = quality.teacher_label(teacher, image, "flip", conf_thresh=0.95)
+    assert (flipped == 1).all()
+    assert (quality.teacher_label(teacher, image, "flip", conf_thresh=0.97) == data.IGNORE_INDEX).all()
+
+
+def test_cli_label_writes_a_split_that_trains_resumes_and_scores_against_the_truth(tmp_path, capsys):
+    root = data.make_toy_world(tmp_path / "toy", counts={split: 1 for split in data.TOY_SPLITS}
+                               | {"synthetic_dense_fine": 3})
+    torch.manual_seed(0)
+    net = model.build_model("dpt", "toy", 7, pretrained=False).eval()
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"model": net.state_dict(), "ema": net.state_dict(), "step": 0,
+                "args": {"dataset": "toy", "arch": "dpt", "backbone": "toy", "num_classes": 7, "tta": "flip"}},
+               checkpoint)
+    out = tmp_path / "labels"
+    source = root / "synthetic" / "dense_fine"  # a folder: its 3 images; the split file lists 2n = 2 of them
+    quality.main(["label", "--teacher", str(checkpoint), "--images", str(source), "--out", str(out), "--device", "cpu"])
+    samples = data.read_split(out / quality.LABEL_SPLIT)
+    assert [image.resolve() for image, _ in samples] == [(root / f"synthetic/dense_fine/{i:06d}.jpg").resolve()
+                                                         for i in range(3)]
+    confusion = np.zeros((7, 7), np.int64)
+    for image_path, label_path in samples:
+        assert label_path.resolve() == (out / f"{image_path.stem}.png").resolve()
+        # the reference: the mean of the plain and the mirrored-back logits, argmax (a 128 image needs no resize)
+        x = data.normalize(data.load_image(image_path)[None])  # (1, 3, 128, 128)
+        with torch.no_grad():
+            logits = (net(x) + net(x.flip(-1)).flip(-1)) / 2
+        label = data.load_label("toy", label_path)
+        np.testing.assert_array_equal(label, logits.argmax(1)[0].numpy())
+        truth = data.load_label("toy", data.truth_path(image_path))
+        np.add.at(confusion, (truth.ravel(), label.ravel()), 1)
+    # the printed IoU of the labels against the true layouts, from the confusion counted here
+    inter, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    miou = np.mean(100 * inter[union > 0] / union[union > 0])
+    assert f"| mIoU | {miou:.1f} |" in capsys.readouterr().out  # one column: the --out folder
+    # what train.py reads: every label at its image's size
+    labelled = data.LabelledDataset("toy", root, str(out / quality.LABEL_SPLIT), train=False, patch_size=8)
+    assert [tuple(label.shape) for _, label in labelled] == [(data.TOY_SIZE, data.TOY_SIZE)] * 3
+
+    # a rerun keeps what is there (a cut run resumes) and makes what is missing
+    first, second = samples[0][1], samples[1][1]
+    data.save_png(np.full((data.TOY_SIZE, data.TOY_SIZE), 6, np.uint8), first)
+    made = data.load_label("toy", second)
+    second.unlink()
+    quality.main(["label", "--teacher", str(checkpoint), "--images", str(source), "--out", str(out), "--device", "cpu"])
+    assert (data.load_label("toy", first) == 6).all() and np.array_equal(data.load_label("toy", second), made)
+    # ... but never mixes labels made with other settings
+    with pytest.raises(SystemExit, match=r"--out .*labels: holds labels made with another tta"):
+        quality.main(["label", "--teacher", str(checkpoint), "--images", str(source), "--out", str(out),
+                      "--tta", "none", "--device", "cpu"])
+
+    # the control: the stored true layouts; `truth` then reads 100 for every class present
+    quality.main(["label", "--truth", "--images", str(source), "--out", str(tmp_path / "truth")])
+    assert [label.resolve() for _, label in data.read_split(tmp_path / "truth" / quality.LABEL_SPLIT)] == [
+        data.truth_path(image).resolve() for image, _ in samples]
+    capsys.readouterr()
+    quality.main(["truth", "--labels", str(tmp_path / "truth" / quality.LABEL_SPLIT)])
+    assert "| mIoU | 100.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--truth: .* has no stored true layout"):
+        quality.main(["label", "--truth", "--images", str(root / "train.txt"), "--out", str(tmp_path / "x")])
+
+
+def test_label_report_of_several_splits_is_mean_and_std_per_class():
+    one = torch.tensor([[8, 2], [0, 10]])  # sky IoU 8/10, grass 10/12
+    two = torch.tensor([[10, 0], [0, 10]])
+    table = quality.format_label_report({"dense": [(one, 20, 20), (two, 10, 20)], "sparse": [(two, 20, 20)]},
+                                        ("sky", "grass"))
+    assert table.splitlines()[0] == "| IoU of the labels vs the true layouts | dense (2) | sparse |"
+    assert "| sky | 90.0 ± 14.1 | 100.0 |" in table and "| grass | 91.7 ± 11.8 | 100.0 |" in table
+    assert "| pixels labelled (%) | 75.0 ± 35.4 | 100.0 |" in table
