@@ -1,5 +1,7 @@
 """What makes synthetic images effective, measured: scene density and instance fidelity (the paper's
-dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; README "What makes synthetic data effective").
+dual-factor analysis: the "dense vs sparse" and "fine vs coarse" studies and the quality ladder; README "What makes
+synthetic data effective"), and the labelled synthetic splits of its Section 3 protocol (a fixed teacher trained on
+real images labels each split once; a student trains on it alone).
 
 Density = instances per image: connected components per class of a teacher's argmax prediction (any
 checkpoint written by train.py) above a minimum area, plus the number of distinct classes among them; or,
@@ -670,6 +672,9 @@ def format_label_report(groups: dict[str, list[tuple[torch.Tensor, int, int]]], 
 def label_split(args: argparse.Namespace) -> Path:
     """`quality.py label`: the labelled split (a folder of PNGs and the split file train.py --train-split reads)."""
     source, out = Path(args.images), Path(args.out)
+    if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        raise ValueError(f"--out {out}: lies inside --images {source}, whose images it would hold (choose a folder "
+                         f"outside it)")
     images = [image for image, _ in list_images(source)]
     base = source if source.is_dir() else source.parent
     if args.truth:

@@ -385,6 +385,8 @@ def test_cli_label_writes_a_split_that_trains_resumes_and_scores_against_the_tru
     capsys.readouterr()
     quality.main(["truth", "--labels", str(tmp_path / "truth" / quality.LABEL_SPLIT)])
     assert "| mIoU | 100.0 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--out .*: lies inside --images"):  # its PNGs would be listed as images
+        quality.main(["label", "--truth", "--images", str(source), "--out", str(source / "labels")])
     with pytest.raises(SystemExit, match="--truth: .* has no stored true layout"):
         quality.main(["label", "--truth", "--images", str(root / "train.txt"), "--out", str(tmp_path / "x")])
 
