@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The toy world's study, 3 seeds each: first the paper's preconditions (P1: synthetic images are useful, measured by
 # training on their true layouts; P2: the supervised teacher's γ gate keeps every class), then the methods against
-# the supervised baselines. Two single-thread runs at a time (one per core of a 2-core CPU): about 2 hours
-# (section 1, the methods: ~80; section 2, the schedule: ~40).
+# the supervised baselines, then the paper's two uses of density and fidelity (its Section 3 protocol: a fixed teacher
+# labels each synthetic split, a student learns from that split alone; its quality ladder inside the SENSE loop).
+# Two single-thread runs at a time (one per core of a 2-core CPU): about 4 hours (1, the methods: ~80 min; 2, the
+# schedule: ~40; 3, the protocol: ~30; 4, the ladder: ~70).
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
+#   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol or ladder
 #   bash docs/toy_study.sh summarize       # the tables of docs/toy_study.md: runs/study/*.md
 #   bash docs/toy_study.sh quick           # one seed of supervised_B, truth and sense, and their curves (~8 min)
 set -euo pipefail
@@ -12,6 +15,7 @@ shopt -s nullglob  # a group with no finished run yet is left out of its table
 cd "$(dirname "$0")/.."
 S=runs/study
 SEEDS="0 1 2"
+KINDS="sparse_coarse sparse_fine dense_coarse dense_fine"  # the toy world's synthetic pools, 120 images each
 STEPS=900  # the toy preset's schedule (train.py TOY_SCHEDULE); the baseline's 2× and 4× schedules below
 
 summarize() {
@@ -25,8 +29,24 @@ summarize() {
     --device cpu | tee $S/gate_supervised_B.md
   python quality.py gate --teacher $S/methods/sense_s[0-9]/last.pt --images data/toy/synthetic.txt \
     --device cpu | tee $S/gate_sense.md
+  # 3: the teachers' labels of each split against the true layouts (one labelled split per teacher seed), then the
+  # students, the teacher-labelled ones beside their true-layout controls
+  labels=($S/protocol/labels/{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9]/labels.txt)
+  if [ ${#labels[@]} -gt 0 ]; then python quality.py truth --labels "${labels[@]}" | tee $S/protocol_labels.md; fi
+  python eval.py --summarize $S/protocol/{teacher,truth}_{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] \
+    --per-class --out $S/protocol.md
+  python eval.py --summarize $S/methods/{supervised_B,sense}_s[0-9] \
+    $S/ladder/sense_{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] --per-class --out $S/ladder.md
+  python eval.py --summarize $S/schedule/{supervised_B_x2,sense_x2}_s[0-9] $S/ladder/sense_x2_{sparse_coarse,dense_fine}_s[0-9] \
+    --per-class --out $S/ladder_x2.md
 }
-if [ "${1:-}" = "summarize" ]; then summarize; exit 0; fi
+SECTION=${1:-all}
+case "$SECTION" in
+  all | methods | schedule | protocol | ladder | quick) ;;
+  summarize) summarize; exit 0 ;;
+  *) echo "toy_study.sh: unknown section '$SECTION' (expected methods, schedule, protocol, ladder, summarize or quick)" >&2
+     exit 2 ;;
+esac
 
 run_all() {  # reads "folder flags..." lines; skips finished runs (--resume auto continues unfinished ones)
   xargs -P 2 -L 1 bash -c 'out=$0; mkdir -p "$out";
@@ -38,7 +58,7 @@ link() { mkdir -p "$(dirname "$2")"; ln -sfn "$(realpath --relative-to="$(dirnam
 python data.py toy --root data/toy                  # the toy world (seconds), if not there yet
 python model.py --backbone toy --num-classes 7      # the pretrained toy backbone (minutes), if not there yet
 
-if [ "${1:-}" = "quick" ]; then  # for a class: the baseline, the upper bound and SENSE, one seed, with the curves
+if [ "$SECTION" = quick ]; then  # for a class: the baseline, the upper bound and SENSE, one seed, with the curves
   for m in supervised truth sense; do echo "$S/quick/${m}_s0 --method $m --seed 0"; done | run_all
   python eval.py --plot $S/quick/{supervised,truth,sense}_s0 --out $S/quick/curves.png
   python eval.py --summarize $S/quick/{supervised,truth,sense}_s0 --per-class
@@ -49,6 +69,7 @@ fi
 # (B and 2B real images per step), the controls on the synthetic images' true layouts (every pixel; the pixels the
 # teacher's gate passes), the teacher's own labels without OT (hard, soft), SENSE, SENSE gated on the OT plan, and
 # its control without OT and without a gate (the teacher's argmax on every pixel)
+if [ "$SECTION" = all ] || [ "$SECTION" = methods ]; then
 for s in $SEEDS; do
   echo "$S/methods/supervised_B_s$s --method supervised --seed $s"
   echo "$S/methods/truth_s$s --method truth --seed $s"
@@ -60,9 +81,11 @@ for s in $SEEDS; do
   echo "$S/methods/plan_gate_s$s --ot-gate plan --seed $s"
   echo "$S/methods/pseudo_all_s$s --method pseudo --conf-thresh 0 --seed $s"
 done | run_all
+fi
 
 # 2. the schedule: how far the supervised baseline is from levelling off (2× and 4× the default steps), and SENSE at
 # 2× the steps, where the loop's own teacher has time to become sure of every class
+if [ "$SECTION" = all ] || [ "$SECTION" = schedule ]; then
 for s in $SEEDS; do
   link $S/methods/supervised_B_s$s $S/schedule/supervised_B_x1_s$s
   link $S/methods/sense_s$s $S/schedule/sense_x1_s$s
@@ -72,4 +95,45 @@ for s in $SEEDS; do
   echo "$S/schedule/sense_x2_s$s --iters $((2 * STEPS)) --seed $s"
 done | run_all
 for s in $SEEDS; do echo "$S/schedule/supervised_B_x4_s$s --method supervised --iters $((4 * STEPS)) --seed $s"; done | run_all
+fi
+
+# 3. the paper's Section 3 protocol: each seed's supervised_B teacher (trained on the 20 real images) labels every
+# image of each synthetic pool once (its argmax with the flip TTA of the run's own teacher, every pixel); a student
+# then learns from those 120 labelled synthetic images alone (no real image) and is evaluated on the real val set.
+# The controls train on the same images with their true layouts: what each split could give with a perfect teacher.
+if [ "$SECTION" = all ] || [ "$SECTION" = protocol ]; then
+for s in $SEEDS; do echo "$S/methods/supervised_B_s$s --method supervised --seed $s"; done | run_all  # the teachers
+mkdir -p $S/protocol/labels
+for kind in $KINDS; do
+  python quality.py label --truth --images data/toy/synthetic/$kind --out $S/protocol/labels/${kind}_truth
+  for s in $SEEDS; do
+    python quality.py label --teacher $S/methods/supervised_B_s$s/last.pt --images data/toy/synthetic/$kind \
+      --out $S/protocol/labels/${kind}_s$s --device cpu > $S/protocol/labels/${kind}_s$s.log 2>&1
+  done
+done
+for s in $SEEDS; do
+  for kind in $KINDS; do
+    echo "$S/protocol/teacher_${kind}_s$s --method supervised --train-split $S/protocol/labels/${kind}_s$s/labels.txt --seed $s"
+    echo "$S/protocol/truth_${kind}_s$s --method supervised --train-split $S/protocol/labels/${kind}_truth/labels.txt --seed $s"
+  done
+done | run_all
+fi
+
+# 4. the paper's quality ladder inside the SENSE loop: quality.py scores the whole synthetic pool (480 images; density
+# from the seed-0 supervised teacher's components, fidelity from GLCM contrast and compression) and splits it into
+# four quarters of 120 at matched sizes; SENSE then runs with each quarter as its synthetic set
+if [ "$SECTION" = all ] || [ "$SECTION" = ladder ]; then
+python quality.py score --images data/toy/synthetic --teacher $S/methods/supervised_B_s0/last.pt \
+  --out $S/ladder/scores.csv --device cpu
+python quality.py ladder --scores $S/ladder/scores.csv --out-dir $S/ladder/splits | tee $S/ladder/splits.md
+for s in $SEEDS; do
+  for rung in $KINDS; do echo "$S/ladder/sense_${rung}_s$s --synthetic $S/ladder/splits/$rung.txt --seed $s"; done
+done | run_all
+# the ladder's two ends again at 2× the steps, where the loop's own teacher has become sure of every class (section 2)
+for s in $SEEDS; do
+  for rung in sparse_coarse dense_fine; do
+    echo "$S/ladder/sense_x2_${rung}_s$s --synthetic $S/ladder/splits/$rung.txt --iters $((2 * STEPS)) --seed $s"
+  done
+done | run_all
+fi
 summarize
