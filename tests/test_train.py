@@ -420,7 +420,8 @@ def test_ddp_two_gloo_ranks_equal_one_process_with_the_combined_batch(toy_root, 
     argv = flags(toy_root, tmp_path / "ddp", "--batch-size", "2", *common)
     result = run_script("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                         "--master_port", str(free_port()), "train.py", *argv, timeout=240)
-    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "rror" in line)[-3000:]
+    # the whole tail: a rank killed by a signal (gloo aborts on a lost peer) names its cause only in its own lines
+    assert result.returncode == 0, result.stderr[-6000:]
     assert "x 2 rank(s)" in result.stdout
     run_main(flags(toy_root, tmp_path / "one", "--batch-size", "4", *common))
     ddp, one = load(tmp_path / "ddp" / "last.pt"), load(tmp_path / "one" / "last.pt")
