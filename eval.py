@@ -339,7 +339,7 @@ def _thing_iou(line: dict, run_dir: Path) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _mean_std(values: list[float], decimals: int | None = 2) -> str:
+def mean_std(values: list[float], decimals: int | None = 2) -> str:
     """'mean ± std' (sample std, ddof=1) with decimals, None = KEY_DIGITS significant digits of the mean.
 
     The mean alone for one value, NO_VALUE for none.
@@ -416,13 +416,13 @@ def summarize(run_dirs: list[Path], keys: tuple[str, ...] | list[str] = SUMMARY_
     # 4. one row per group
     rows = []
     for group, runs in groups.items():
-        row = [group, str(len(runs)), _mean_std([run["miou"] for run in runs])]
+        row = [group, str(len(runs)), mean_std([run["miou"] for run in runs])]
         if show_things:
-            row.append(_mean_std([run["things"] for run in runs if run["things"] is not None]))
+            row.append(mean_std([run["things"] for run in runs if run["things"] is not None]))
         for name in class_names:
-            row.append(_mean_std([run["iou"][name] for run in runs if run["iou"].get(name) is not None]))
+            row.append(mean_std([run["iou"][name] for run in runs if run["iou"].get(name) is not None]))
         for key in key_columns:
-            row.append(_mean_std([run["keys"][key] for run in runs if key in run["keys"]], decimals=None))
+            row.append(mean_std([run["keys"][key] for run in runs if key in run["keys"]], decimals=None))
         rows.append(row)
     count = len(all_runs)
     footer = (f"{count} run{'s' if count != 1 else ''} read in {len(groups)} group{'s' if len(groups) != 1 else ''}. "

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import data
 import model
 import train
-from eval import SEED_SUFFIX, confusion_matrix, miou_from_confusion
+from eval import SEED_SUFFIX, confusion_matrix, mean_std, miou_from_confusion
 
 # ITU-R 601-2 luma in 16-bit fixed point with rounding, exactly as PIL's Image.convert("L") computes it
 # (Pillow src/libImaging/Convert.c, L24): grey = (19595 R + 38470 G + 7471 B + 2^15) >> 16.
@@ -514,7 +514,7 @@ def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], data
         x = teacher_input(teacher, image)  # (1, 3, h, w)
         size = tuple(x.shape[-2:])
         scores = model.class_scores(teacher, x)
-        probabilities = scores.softmax(1) if teacher.arch == "dpt" else scores  # (1, K, h, w)
+        probabilities = train.teacher_probabilities(scores, teacher.arch)  # (1, K, h, w)
         confidence, label = probabilities.max(1)  # (1, h, w)
         truth = F.interpolate(truth, size=size, mode="nearest")[:, 0].long().to(device)  # (1, h, w)
         known = truth != data.IGNORE_INDEX
@@ -532,14 +532,6 @@ def format_gate_report(counts: dict[str, np.ndarray] | list[dict[str, np.ndarray
     gated pixels labelled as the class. Given the counts of several teachers (e.g. the seeds of one run), each cell
     is the mean ± sample std (ddof=1) of the teachers' percentages (pixel counts: their mean)."""
     runs = [counts] if isinstance(counts, dict) else list(counts)
-
-    def cell(values: list[float]) -> str:
-        if not values:
-            return "–"
-        if len(values) == 1:
-            return f"{values[0]:.1f}"
-        return f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
-
     seeds = f" ({len(runs)} teachers)" if len(runs) > 1 else ""
     lines = [f"| class | pixels | gated (% of the class){seeds} | right (% of the gated) | gated pixels labelled as it |",
              "| --- | ---: | ---: | ---: | ---: |"]
@@ -548,7 +540,8 @@ def format_gate_report(counts: dict[str, np.ndarray] | list[dict[str, np.ndarray
         share = [100 * run["gated"][k] / run["pixels"][k] for run in runs if run["pixels"][k]]
         right = [100 * run["correct"][k] / run["gated"][k] for run in runs if run["gated"][k]]
         gated_as = round(float(np.mean([run["gated_as"][k] for run in runs])))
-        lines.append(f"| {name} | {round(float(np.mean(pixels)))} | {cell(share)} | {cell(right)} | {gated_as} |")
+        lines.append(f"| {name} | {round(float(np.mean(pixels)))} | {mean_std(share, decimals=1)} | "
+                     f"{mean_std(right, decimals=1)} | {gated_as} |")
     return "\n".join(lines)
 
 
@@ -649,11 +642,8 @@ def format_label_report(groups: dict[str, list[tuple[torch.Tensor, int, int]]], 
     """Per class, the IoU of the labels against the true layouts, then the mIoU and the share of pixels labelled, as
     a markdown table with one column per group of labelled splits (e.g. one split per teacher seed): the mean ±
     sample std (ddof=1) over the group's splits, the value alone for one split."""
-    def cell(values: list[float]) -> str:
-        values = [value for value in values if not math.isnan(value)]
-        if not values:
-            return "–"
-        return f"{np.mean(values):.1f}" if len(values) == 1 else f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}"
+    def cell(values: list[float]) -> str:  # a class absent from a split's truth and labels has IoU NaN: left out
+        return mean_std([value for value in values if not math.isnan(value)], decimals=1)
 
     scores = {name: [miou_from_confusion(confusion) for confusion, _, _ in reports] for name, reports in groups.items()}
     shares = {name: [100 * labelled / max(pixels, 1) for _, labelled, pixels in reports]
