@@ -1183,6 +1183,26 @@ def _shift_hue(points: np.ndarray, shift: float) -> np.ndarray:
     return np.stack([high - chroma * np.clip(np.minimum(k, 4 - k), 0, 1) for k in channels], 1)
 
 
+def _colour_ops(ops: list[tuple[str, float]], points: np.ndarray, image: slice) -> np.ndarray:
+    """The colour jitter (in its random order) and grayscale on (N, 3) float RGB points, saturating to [0, 255]
+    after each op as PIL's 8-bit ops do; contrast blends with the mean gray of points[image], the image's pixels."""
+    for name, factor in ops:
+        if name == "brightness":
+            points = points * factor
+        elif name == "contrast":
+            mean = _gray(points[image]).mean()
+            points = mean + factor * (points - mean)
+        elif name == "saturation":
+            gray = _gray(points)[:, None]
+            points = gray + factor * (points - gray)
+        elif name == "hue":
+            points = _shift_hue(points, factor)
+        else:
+            points = np.repeat(_gray(points)[:, None], 3, 1)
+        points = np.clip(points, 0, 255)
+    return points
+
+
 def _colour_table(ops: list[tuple[str, float]], region: Image.Image) -> ImageFilter.Color3DLUT:
     """The colour jitter (in its random order) and grayscale as one 3-D lookup table.
 
@@ -1196,23 +1216,9 @@ def _colour_table(ops: list[tuple[str, float]], region: Image.Image) -> ImageFil
     lattice = np.stack([red, green, blue], -1).reshape(-1, 3)  # (n³, 3)
     stride = max(1, int(math.sqrt(region.width * region.height / 4096)))
     sample = np.asarray(region)[::stride, ::stride].reshape(-1, 3).astype(np.float32)  # (~4096, 3)
-    points = np.concatenate([lattice, sample])  # (N, 3) float
     # lattice and sample pass through the ops together: the sample only supplies the image mean that contrast
     # blends towards, the lattice rows become the table
-    for name, factor in ops:
-        if name == "brightness":
-            points = points * factor
-        elif name == "contrast":
-            mean = _gray(points[len(lattice):]).mean()
-            points = mean + factor * (points - mean)
-        elif name == "saturation":
-            gray = _gray(points)[:, None]
-            points = gray + factor * (points - gray)
-        elif name == "hue":
-            points = _shift_hue(points, factor)
-        else:
-            points = np.repeat(_gray(points)[:, None], 3, 1)
-        points = np.clip(points, 0, 255)  # each PIL op saturates to 8 bits before the next
+    points = _colour_ops(ops, np.concatenate([lattice, sample]), slice(len(lattice), None))  # (N, 3)
     return ImageFilter.Color3DLUT(COLOUR_TABLE_SIZE, points[:len(lattice)] / 255, channels=3)
 
 
@@ -1234,11 +1240,18 @@ def _strong_draws() -> tuple[list[tuple[str, float]], float | None]:
 
 
 def _strong_colour(region: Image.Image) -> Image.Image:
-    """Strong-view photometric ops: colour jitter and grayscale as one colour table (_colour_table), then Gaussian
-    blur (PIL's filter, as the reference code uses). strong_colour_reference is the same view, op by op."""
+    """Strong-view photometric ops: colour jitter and grayscale as one colour table (_colour_table; on the pixels
+    themselves for a crop smaller than the table), then Gaussian blur (PIL's filter, as the reference code uses).
+    strong_colour_reference is the same view, op by op."""
     ops, sigma = _strong_draws()
     if ops == [("grayscale", 0.0)]:
         region = region.convert("L").convert("RGB")  # cheaper than a table for grayscale alone
+    elif ops and region.width * region.height <= COLOUR_TABLE_SIZE**3:
+        # a crop with no more pixels than the table's lattice (the toy world's 64 x 64): the table's chain on the
+        # pixels themselves costs less than building the table (and skips its interpolation)
+        pixels = np.asarray(region, dtype=np.float32).reshape(-1, 3)  # (h·w, 3)
+        pixels = _colour_ops(ops, pixels, slice(None))
+        region = Image.fromarray(np.rint(pixels).astype(np.uint8).reshape(region.height, region.width, 3))
     elif ops:
         region = region.filter(_colour_table(ops, region))
     if sigma is not None:
