@@ -58,6 +58,8 @@ class BackboneSpec:
         weights: file name of Meta's official pretrained weights (None: no official weights).
         meta_pos_embed: absolute position embeddings resized with Meta's rule (DINOv2 family; DINOv3 uses RoPE).
         timm_kwargs: architecture overrides passed to timm (the toy backbone).
+        final_upsample: how much the head's last fusion stage upsamples (2 in the DPT paper: logits at stride p/8;
+            1: logits at stride p/4).
     """
     timm_name: str
     patch_size: int
@@ -67,15 +69,20 @@ class BackboneSpec:
     weights: str | None
     meta_pos_embed: bool
     timm_kwargs: dict = field(default_factory=dict)
+    final_upsample: int = 2
 
 
 # Taps and widths: the Depth Anything / UniMatch V2 DPT settings. DINOv3 sizes reuse the DINOv2 settings of the
 # same width and depth. The toy ViT is DINOv2's architecture shrunk for a CPU: patch 8, width 128, 4 blocks, every
-# block tapped, no LayerScale; its weights come from pretrain_toy_backbone (the toy world's DINOv2, made on first use).
+# block tapped, no LayerScale; its weights come from pretrain_toy_backbone (the toy world's DINOv2). Its DPT head is
+# sized for a CPU step too (bench.py train; docs/benchmarks.md): fusion width F = 16, and logits at stride p/4 = 2,
+# half the crop, where DINOv2's patch 14 puts the DPT's logits (8/14 of the crop); the paper's stride p/8 would be
+# the full crop at patch 8, and F = 32 doubles the head's convolutions (toy study, docs/toy_study.md).
 TOY_WEIGHTS = "toy_vit_pretrain.pth"
 BACKBONES: dict[str, BackboneSpec] = {
-    "toy": BackboneSpec("vit_small_patch14_dinov2", 8, (0, 1, 2, 3), 32, (16, 32, 64, 128), TOY_WEIGHTS, True,
-                        dict(patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4, init_values=None)),
+    "toy": BackboneSpec("vit_small_patch14_dinov2", 8, (0, 1, 2, 3), 16, (16, 32, 64, 128), TOY_WEIGHTS, True,
+                        dict(patch_size=8, img_size=64, embed_dim=128, depth=4, num_heads=4, init_values=None),
+                        final_upsample=1),
     "dinov2_s": BackboneSpec("vit_small_patch14_dinov2", 14, (2, 5, 8, 11), 64, (48, 96, 192, 384),
                              "dinov2_vits14_pretrain.pth", True),
     "dinov2_b": BackboneSpec("vit_base_patch14_dinov2", 14, (2, 5, 8, 11), 128, (96, 192, 384, 768),
@@ -450,7 +457,8 @@ class FusionBlock(nn.Module):
         self.project = nn.Conv2d(features, features, 1)
 
     def forward(self, level: torch.Tensor, path: torch.Tensor | None, size: tuple[int, int] | None) -> torch.Tensor:
-        """(B, F, h_i, w_i) level (+ path of the same size) -> (B, F, *size), or ×2 when size is None."""
+        """(B, F, h_i, w_i) level (+ path of the same size) -> (B, F, *size), or ×2 when size is None (not resized
+        when size is the level's own)."""
         # The DPT figure applies the first unit at every stage, the deepest included; the reference code skips
         # it at path_4, leaving its weights unused (which DDP rejects). Following the figure trains all of them.
         x = self.refine_level(level)
@@ -459,16 +467,20 @@ class FusionBlock(nn.Module):
         x = self.refine_path(x)
         if size is None:
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)  # (B, F, 2h_i, 2w_i)
-        else:
+        elif tuple(size) != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)  # (B, F, *size)
         return self.project(x)
 
 
 class DPTHead(nn.Module):
-    """Four ViT token maps at stride p -> class logits at stride p/8."""
+    """Four ViT token maps at stride p -> class logits at stride p/8 (p/4 with final_upsample 1)."""
 
-    def __init__(self, *, embed_dim: int, features: int, out_channels: tuple[int, int, int, int], num_classes: int):
+    def __init__(self, *, embed_dim: int, features: int, out_channels: tuple[int, int, int, int], num_classes: int,
+                 final_upsample: int = 2):
         super().__init__()
+        if final_upsample not in (1, 2):
+            raise ValueError(f"final_upsample {final_upsample}: expected 1 or 2")
+        self.final_upsample = final_upsample
         o1, o2, o3, o4 = out_channels
         self.project = nn.ModuleList([nn.Conv2d(embed_dim, o, 1) for o in out_channels])
         # Reassemble to strides p/4, p/2, p, 2p (×4, ×2, ×1, ÷2 of the patch grid).
@@ -490,14 +502,14 @@ class DPTHead(nn.Module):
         )
 
     def forward(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """4 × (B, D, h, w) -> (B, K, 8h, 8w) logits."""
+        """4 × (B, D, h, w) -> (B, K, 8h, 8w) logits ((B, K, 4h, 4w) with final_upsample 1)."""
         levels = [to_f(resample(project(t))) for t, project, resample, to_f
                   in zip(tokens, self.project, self.resample, self.to_features)]
         l1, l2, l3, l4 = levels  # (B, F, 4h, 4w), (B, F, 2h, 2w), (B, F, h, w), (B, F, ⌈h/2⌉, ⌈w/2⌉)
         path_4 = self.path_4(l4, None, l3.shape[-2:])  # (B, F, h, w)
         path_3 = self.path_3(l3, path_4, l2.shape[-2:])  # (B, F, 2h, 2w)
         path_2 = self.path_2(l2, path_3, l1.shape[-2:])  # (B, F, 4h, 4w)
-        path_1 = self.path_1(l1, path_2, None)  # (B, F, 8h, 8w)
+        path_1 = self.path_1(l1, path_2, None if self.final_upsample == 2 else l1.shape[-2:])  # (B, F, 8h, 8w) or 4h, 4w
         return self.classifier(path_1)  # (B, K, 8h, 8w)
 
 
@@ -511,16 +523,20 @@ class DPT(nn.Module):
         self.num_classes = num_classes
         self.taps = list(spec.taps)
         self.backbone = backbone
-        self.head = DPTHead(embed_dim=backbone.embed_dim, features=spec.features,
-                            out_channels=spec.out_channels, num_classes=num_classes)
+        self.head = DPTHead(embed_dim=backbone.embed_dim, features=spec.features, out_channels=spec.out_channels,
+                            num_classes=num_classes, final_upsample=spec.final_upsample)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         check_patch_multiple(images, self.patch_size)
         # Final norm applied to every tap, class/register tokens dropped (as Depth Anything's DPT does).
         tokens = self.backbone.forward_intermediates(
             images, indices=self.taps, norm=True, output_fmt="NCHW", intermediates_only=True)  # 4 × (B, D, h, w)
+        # The head's convolutions in channels-last memory (same values, another layout): oneDNN on a CPU and cuDNN
+        # run these narrow convolutions faster so (bench.py train); the logits come back in the default layout.
+        tokens = [t.contiguous(memory_format=torch.channels_last) for t in tokens]
         logits = self.head(tokens)  # (B, K, 8h, 8w)
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
+        return logits.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
