@@ -4,6 +4,7 @@
     python bench.py data      # augmentation pipelines vs a plain PIL + torchvision reference
     python bench.py quality   # GLCM / compression ratio vs scikit-image
     python bench.py gpu       # every GPU figure in one table (--device cpu --tiny: the same code on a CPU)
+    python bench.py train     # the toy default training step, part by part, with its FLOPs
 
 Ratios, not absolute times, are the targets: both sides run on the same machine in the same process.
 Nothing here is a test; tests never time anything.
@@ -689,6 +690,202 @@ def bench_gpu(argv: list[str]) -> None:
     os.replace(tmp, out)
     print(f"written: {out}")
 
+class StepPhases:
+    """Exclusive wall time per named phase of train.py's loop, charged through wrappers around train.py's own
+    functions; a phase inside another (the best.pt checkpoint inside an evaluation) is charged to itself only.
+
+        phases = StepPhases()
+        train.fetch = phases.wrap("data", train.fetch)   # every call adds its time to phases.total["data"]
+    """
+
+    def __init__(self):
+        self.total, self.calls, self.stack = {}, {}, []
+        self.counting = False  # off during the warm-up steps
+
+    def wrap(self, name: str, fn):
+        """fn, timed: its wall time minus that of the timed calls it makes goes to total[name]."""
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            self.stack.append(0.0)  # time of the timed calls nested in this one
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inner = self.stack.pop()
+                elapsed = time.perf_counter() - start
+                if self.stack:
+                    self.stack[-1] += elapsed
+                if self.counting:
+                    self.total[name] = self.total.get(name, 0.0) + elapsed - inner
+                    self.calls[name] = self.calls.get(name, 0) + 1
+        return timed
+
+
+def model_flops(net, images) -> dict:
+    """FLOPs of one forward pass of net on images, per part: {module name: FLOPs}, with "total"
+    (torch.utils.flop_counter: matmuls and convolutions, 2 FLOPs per multiply-add; element-wise work is not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(images)
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    counts["total"] = counts.pop("Global")
+    return counts
+
+
+def model_parts(counts: dict) -> dict:
+    """model_flops' counts grouped into the model's parts, in the order they run: each ViT block alone, every other
+    child of the backbone and of the head alone (a ModuleList such as the head's per-level projections as one part:
+    its members' sum). Names lose the root's, e.g. "head.path_1", "backbone.blocks.0"."""
+    named = {name.split(".", 1)[1]: count for name, count in counts.items() if "." in name}
+    parts = {}
+    for name in named:
+        words = name.split(".")
+        group = ".".join(words[:3] if words[:2] == ["backbone", "blocks"] else words[:2])
+        if group in parts or len(words) < 2:  # the backbone and the head themselves are no part
+            continue
+        if group in named:  # a module that ran: its own count
+            parts[group] = named[group]
+        else:  # a container that never runs itself: the sum of its members
+            depth = len(group.split(".")) + 1
+            parts[group] = sum(count for key, count in named.items()
+                               if key.startswith(group + ".") and len(key.split(".")) == depth)
+    return parts
+
+
+def step_flops(net, batch_x: int, batch_u: int, crop: int, teacher_views: int) -> dict:
+    """FLOPs of one SENSE step: the student's forward and backward on [x; u_s], the teacher's forward on its views."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.randn(batch_x + batch_u, 3, crop, crop)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(images)
+        (out if torch.is_tensor(out) else out["pred_masks"]).float().mean().backward()  # the backward's FLOPs
+    net.zero_grad(set_to_none=True)
+    student = counter.get_total_flops()
+    teacher = model_flops(net, torch.randn(1, 3, crop, crop))["total"] * teacher_views
+    return {"student": student, "teacher": teacher}
+
+
+def bench_train(argv: list[str]) -> None:
+    """The toy default training step (train.py, as `python train.py` runs it), split into its parts: data (waiting
+    for the loaders), the teacher (TTA), OT (targets, gate and labels), the student's forward and backward (with
+    CutMix and the losses), the optimizer and the EMA, and the machinery (per-step statistics and the log line every
+    step; pictures, evaluation and checkpoints once per evaluation interval, amortised over its steps). Then the
+    FLOPs of each part of the model and the FLOP/s the step achieves, against a dense matmul in the same process.
+
+        python bench.py train                          # the toy default (DPT, sense), 60 timed steps
+        python bench.py train --steps 30 --method supervised   # any train.py flag after the bench's own
+
+    The step is train.py's own: train.main runs with --iters warm-up + steps in a temporary run folder, its
+    functions wrapped by timers (StepPhases); nothing of the method changes.
+
+    Args:
+        argv: --steps, --warmup, then any train.py flags (see -h).
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    import torch
+
+    import train
+
+    parser = argparse.ArgumentParser(prog="bench.py train")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps (default: 60)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    args, train_flags = parser.parse_known_args(argv)
+    phases, seen = StepPhases(), {}
+    original = {name: getattr(train, name) for name in ("fetch", "teacher_predict", "pseudo_targets",
+                                                        "synthetic_labels", "sense_step", "ema_update", "record",
+                                                        "draw_panel", "evaluate_teacher", "checkpoint", "finish",
+                                                        "prepare")}
+    charge = {"fetch": "data", "teacher_predict": "teacher", "pseudo_targets": "ot", "synthetic_labels": "ot",
+              "sense_step": "student", "ema_update": "optimizer + EMA", "record": "statistics + log",
+              "draw_panel": "panel", "evaluate_teacher": "evaluation", "checkpoint": "checkpoint",
+              "finish": "final table"}
+    steps_done = [0]
+
+    def sense_step(run):  # counts steps: the timers run from the first step after the warm-up
+        phases.counting = steps_done[0] >= args.warmup
+        if steps_done[0] == args.warmup:
+            seen["start"] = time.perf_counter()
+        steps_done[0] += 1
+        return timed_step(run)
+
+    def prepare(flags):  # the run, once made: its optimizer's step is timed too
+        run = original["prepare"](flags)
+        run.optimizer.step = phases.wrap("optimizer + EMA", run.optimizer.step)
+        seen["run"] = run
+        return run
+
+    timed_step = phases.wrap("student", original["sense_step"])
+    for name, part in charge.items():
+        if name != "sense_step":
+            setattr(train, name, phases.wrap(part, original[name]))
+    train.sense_step, train.prepare = sense_step, prepare
+    total_steps = args.warmup + args.steps
+    try:
+        with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):  # the run's log lines and progress bar
+            train.main(["--iters", str(total_steps), "--out", out, *train_flags])
+            wall = time.perf_counter() - seen["start"]
+    finally:
+        for name, fn in original.items():
+            setattr(train, name, fn)
+    run = seen["run"]
+    # The pictures, the evaluation and the checkpoints ran once, at the bench run's end, and so did the final table;
+    # a run with these flags and its own --iters has them once every --panel-every / --eval-every / --save-every
+    # steps, and once per run: their time per step is their time over that interval. The wall time of the timed
+    # steps includes each once: the loop's own remainder is what no phase holds.
+    default = train.resolve_presets(train.parse_args(train_flags))
+    every = default.eval_every or run.args.eval_every  # real datasets: one epoch, resolved in train.prepare
+    interval = {"panel": every if default.panel_every is None else default.panel_every,
+                "evaluation": every, "checkpoint": default.save_every or every, "final table": default.iters}
+    once = sum(phases.total.get(name, 0.0) for name in interval)
+    per_step = {name: phases.total.get(name, 0.0) / args.steps for name in
+                ("data", "teacher", "ot", "student", "optimizer + EMA", "statistics + log")}
+    per_step["loop remainder"] = (wall - once - sum(phases.total.get(name, 0.0) for name in set(charge.values())
+                                                    if name not in interval)) / args.steps
+    for name, every in interval.items():
+        per_step[f"{name} (1 per {every or 'never'} steps)"] = phases.total.get(name, 0.0) / every if every else 0.0
+    step_time = sum(per_step.values())
+    # FLOPs: one forward per part of the model on one crop, and one step's student and teacher.
+    crop, B = run.args.crop_size, run.args.batch_size
+    B_x = run.args.real_batch or B
+    net = run.student
+    parts = model_flops(net, torch.randn(1, 3, crop, crop))
+    synthetic = run.use_synthetic
+    views = (B + B // 2 if run.args.tta != "none" else B) if synthetic else 0  # TTA's flip on half the batch
+    flops = step_flops(net, B_x, B if synthetic else 0, crop, views)
+    # The machine's practical limit: a dense 1024 x 1024 float32 matmul with the same threads.
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul = 2 * 1024**3 / median_time(lambda: a @ b, repeats=20, warmup=3)
+    model_time = per_step["teacher"] + per_step["student"]
+    print(f"bench.py train: {run.args.method} | {run.args.arch}/{run.args.backbone} | crop {crop} | {B_x} real"
+          f"{f' + {B} synthetic' if synthetic else ''} | torch threads {torch.get_num_threads()} | "
+          f"{args.steps} timed steps after {args.warmup}")
+    print("| part | ms per step | share |")
+    print("| --- | ---: | ---: |")
+    for name, seconds in per_step.items():
+        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / step_time:.1%} |")
+    print(f"| **step** | **{step_time * 1e3:.1f}** | 100% |")
+    print()
+    print(f"| model part (one {crop}x{crop} crop, forward) | MFLOP | share |")
+    print("| --- | ---: | ---: |")
+    for name, count in model_parts(parts).items():
+        print(f"| {name} | {count / 1e6:.1f} | {count / parts['total']:.1%} |")
+    print(f"| **forward, one crop** | **{parts['total'] / 1e6:.1f}** | 100% |")
+    print()
+    step_total = flops["student"] + flops["teacher"]
+    print(f"FLOPs per step: student forward + backward on {B_x + (B if synthetic else 0)} crops "
+          f"{flops['student'] / 1e9:.2f} G, teacher forward on {views} crops {flops['teacher'] / 1e9:.2f} G; "
+          f"achieved in the teacher + student time: {step_total / model_time / 1e9:.1f} GFLOP/s; dense 1024^2 "
+          f"float32 matmul in this process: {matmul / 1e9:.1f} GFLOP/s ({step_total / model_time / matmul:.0%} of it)")
+
 
 # `python bench.py <name>` runs BENCHES[name] with the rest of the command line; each prints its own table.
 BENCHES = {}
@@ -696,6 +893,7 @@ BENCHES["ot"] = bench_ot
 BENCHES["quality"] = bench_quality
 BENCHES["data"] = bench_data
 BENCHES["gpu"] = bench_gpu
+BENCHES["train"] = bench_train
 
 
 def main() -> None:
