@@ -8,6 +8,7 @@ a model from the name stored in a checkpoint.
     python model.py                                   # toy ViT + DPT on CPU: parameters, one forward
     python model.py --backbone dinov2_s --size 518    # DINOv2-S DPT, K = 19: 24.80 M parameters
     python model.py --backbone dinov2_l --pretrained pretrained/dinov2_vitl14_pretrain.pth
+    python model.py --remake-toy                      # pretrain the toy ViT anew (its shipped file; CPU minutes)
 
 Official weights are Meta's own files, read from a local path (nothing is ever downloaded):
 `pretrained/dinov2_vit{s,b,l,g}14_pretrain.pth`, `pretrained/dinov3_vit{s,b,l}16_pretrain_lvd1689m-*.pth`.
@@ -21,6 +22,8 @@ Shapes: B batch, K classes, H×W image pixels, h×w patch grid (H/p × W/p, p = 
 D backbone width, F fusion width, O_i reassemble width of level i, Q queries.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import time
@@ -564,6 +567,8 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
     path = resolve_pretrained(backbone, pretrained)
     if path is not None and not path.is_file():  # only the toy's official file can be absent here
         pretrain_toy_backbone(path)
+    if backbone == "toy" and path == PRETRAINED_DIR / TOY_WEIGHTS:
+        check_toy_weights(path)  # the file the repository ships (or its remake), against its record
     if path is None:
         vit = _create_vit(spec, rope_rescale=rope_rescale)
     else:
@@ -583,10 +588,38 @@ def build_model(arch: str, backbone: str, num_classes: int, pretrained: str | Pa
 # the ViT is kept. As DINOv2's images hold cars, the pretraining world holds discs, boxes, triangles and diamonds,
 # the outlines of the toy world's things, filled with other textures and colours than theirs. A linear head, as in
 # DINOv2's linear probes, puts the semantics in
-# the backbone (a DPT head would learn half of them itself) and costs a quarter of a DPT step. Made once, on first
-# use, in a few CPU minutes.
+# the backbone (a DPT head would learn half of them itself) and costs a quarter of a DPT step. The repository ships
+# the result, pretrained/toy_vit_pretrain.pth (3.3 MB), beside its record pretrained/toy_vit_pretrain.json (its SHA-256
+# and this recipe), so a fresh clone trains at once; `python model.py --remake-toy` makes both anew (a few CPU
+# minutes; another machine's arithmetic gives other bytes, and the record follows them), and a missing file is made on
+# first use the same way.
 
 TOY_PRETRAIN = dict(steps=2000, batch=16, size=64, lr=1e-3, weight_decay=0.01, seed=0)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_toy_weights(path: Path) -> None:
+    """The toy backbone's weight file against the SHA-256 in its record (path with .json): a one-line ValueError
+    when the record is missing or unreadable, or the bytes differ (a truncated copy, a Git LFS pointer, an edit)."""
+    record_file = path.with_suffix(".json")
+    remedy = (f"restore both with `git checkout -- {record_file.parent.name}/`, or remake them with "
+              f"`python model.py --remake-toy` (a few CPU minutes)")
+    try:
+        stored = json.loads(record_file.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--pretrained: {path}: no readable record {record_file} with its SHA-256; {remedy}") from None
+    actual = sha256_file(path)
+    if actual != stored:
+        raise ValueError(f"--pretrained: {path}: SHA-256 {actual[:16]}... is not the {stored[:16]}... of its record "
+                         f"{record_file}; {remedy}")
 
 
 def pretrain_toy_backbone(path: str | Path, *, steps: int | None = None, batch: int | None = None,
@@ -635,6 +668,13 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int | None = None, batch: 
     temporary = path.with_name(path.name + ".tmp")
     torch.save(vit.state_dict(), temporary)
     os.replace(temporary, path)
+    # the record check_toy_weights reads: the file's SHA-256 and the recipe that made it, written after the file
+    record = {"sha256": sha256_file(path), "bytes": path.stat().st_size, "torch": torch.__version__,
+              "recipe": {"steps": steps, "batch": batch, "size": size, "lr": lr,
+                         "weight_decay": TOY_PRETRAIN["weight_decay"], "seed": seed}}
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(temporary, path.with_suffix(".json"))
     return path
 
 
@@ -736,7 +776,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build a model, print its parameters, time one forward.")
     parser.add_argument("--arch", default="dpt", choices=ARCHS, help="model (default: dpt)")
     parser.add_argument("--backbone", default="toy", choices=list(BACKBONES), help="backbone size (default: toy)")
@@ -746,7 +786,14 @@ def main() -> None:
                              "random init, said so, when it is not there)")
     parser.add_argument("--size", type=int, default=None,
                         help="forward size, a multiple of the patch (default: 96 toy, 518 else)")
-    args = parser.parse_args()
+    parser.add_argument("--remake-toy", action="store_true",
+                        help="pretrain the toy backbone by TOY_PRETRAIN and write pretrained/toy_vit_pretrain.pth and its "
+                             "record .json, replacing the shipped pair, then exit (default: off)")
+    args = parser.parse_args(argv)
+    if args.remake_toy:
+        path = pretrain_toy_backbone(PRETRAINED_DIR / TOY_WEIGHTS)
+        print(f"{path}: SHA-256 {sha256_file(path)} (record: {path.with_suffix('.json')})")
+        return
     try:
         weights = resolve_pretrained(args.backbone, args.pretrained)  # checks the flag, makes nothing
         model = build_model(args.arch, args.backbone, args.num_classes, args.pretrained).eval()  # may make the toy's

@@ -1,6 +1,7 @@
 """model.py: parameter count, shapes at odd sizes, strict loading of Meta-format weight files (DINOv2, DINOv3), the
 position-embedding resize, DINOv3's RoPE (stored periods, train-time rescale) and which weights a run gets."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -459,6 +460,61 @@ def test_pretraining_is_deterministic_and_learns(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     untrained = build_model("dpt", "toy", 7, pretrained="none").backbone.state_dict()
     assert any(not torch.equal(a[k], untrained[k]) for k in a)
+
+
+def test_shipped_toy_weights_match_their_record_and_the_documented_recipe():
+    path = REPO / "pretrained" / model.TOY_WEIGHTS
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert path.stat().st_size <= 5 * 2**20 and record["bytes"] == path.stat().st_size
+    assert record["sha256"] == model.sha256_file(path)
+    assert record["recipe"] == model.TOY_PRETRAIN  # made by the recipe model.py documents, all of it
+    model.check_toy_weights(path)
+    vit = load_pretrained("toy", path)  # loads strictly into the toy backbone
+    assert torch.equal(vit.state_dict()["blocks.3.mlp.fc2.weight"],
+                       torch.load(path, map_location="cpu", weights_only=True)["blocks.3.mlp.fc2.weight"])
+
+
+def test_remake_command_writes_weights_and_record_that_load(tmp_path, monkeypatch, capsys):
+    # `python model.py --remake-toy`, in process, on a two-step recipe: the pair it writes passes the check and loads
+    monkeypatch.setattr(model, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(model, "TOY_PRETRAIN", {**model.TOY_PRETRAIN, "steps": 2, "batch": 2, "size": 32})
+    model.main(["--remake-toy"])
+    path = tmp_path / model.TOY_WEIGHTS
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["recipe"] == model.TOY_PRETRAIN and record["sha256"] == model.sha256_file(path)
+    assert f"SHA-256 {record['sha256']}" in capsys.readouterr().out
+    assert build_model("dpt", "toy", 7).pretrained_file == str(path)
+    assert not list(tmp_path.glob("*.tmp"))  # both written atomically
+
+
+def test_toy_weights_unlike_their_record_are_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "PRETRAINED_DIR", tmp_path)
+    path = model.pretrain_toy_backbone(tmp_path / model.TOY_WEIGHTS, steps=2, batch=2, size=32, progress=False)
+    build_model("dpt", "toy", 7)  # as written: fine
+    path.write_bytes(path.read_bytes()[:-10])  # a truncated copy
+    with pytest.raises(ValueError, match=r"SHA-256 .* is not the .* of its record") as error:
+        build_model("dpt", "toy", 7)
+    assert "\n" not in str(error.value) and "--remake-toy" in str(error.value)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(ValueError, match="no readable record"):
+        build_model("dpt", "toy", 7)
+    mine = tmp_path / "mine" / "toy.pth"
+    mine.parent.mkdir()
+    mine.write_bytes(model.pretrain_toy_backbone(tmp_path / "fresh.pth", steps=2, batch=2, size=32,
+                                                 progress=False).read_bytes())
+    build_model("dpt", "toy", 7, pretrained=mine)  # a user's own file elsewhere: not checked against a record
+
+
+def test_toy_dpt_logits_at_half_the_crop_and_real_dpt_as_the_paper(toy):
+    # The toy head's last fusion stage does not upsample (stride p/4 = 2, near DINOv2's 8/14 of the crop); every real
+    # backbone keeps the DPT paper's ×2 (stride p/8).
+    with torch.no_grad():
+        tokens = toy.backbone.forward_intermediates(torch.randn(1, 3, 64, 64), indices=toy.taps, norm=True,
+                                                    output_fmt="NCHW", intermediates_only=True)
+        assert toy.head(tokens).shape[-2:] == (32, 32)
+    assert all(spec.final_upsample == 2 for name, spec in BACKBONES.items() if name != "toy")
+    real = model.DPTHead(embed_dim=32, features=8, out_channels=(8, 8, 8, 8), num_classes=3)
+    assert real(4 * [torch.randn(1, 32, 4, 4)]).shape == (1, 3, 32, 32)  # 8h × 8w
 
 
 def test_class_scores_dpt_are_the_logits(toy):
