@@ -55,6 +55,9 @@ CUTMIX_ASPECT = (0.3, 1 / 0.3)  # box height / width (reference code)
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, what PIL's convert("L") and torchvision's grayscale use
 COLOUR_TABLE_SIZE = 17  # lattice points per axis of the 3-D table that applies jitter + grayscale in one pass
 QUICK_SAMPLES = 8  # images fully decoded by check_dataset(quick=True); the others are only checked to exist
+# decoded images and labels a training dataset keeps in memory (each loader worker its own copy): the toy world's
+# (~4 MB) are decoded once instead of at every read; a large set keeps its first 64 MB and decodes the rest each time
+DECODED_KEEP_BYTES = 64 * 2**20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +248,24 @@ def _open_image(path: Path) -> Image.Image:
         raise DataError(f"{path}: unreadable image ({error})") from None
     # convert() copies even when nothing changes: skip it for RGB files (most of them)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class DecodedFiles:
+    """Decoded files of one dataset, kept while their pixels fit in DECODED_KEEP_BYTES. The images handed out are
+    shared: every use here makes a new image (resize, point, filter) and never changes one in place."""
+
+    def __init__(self):
+        self.kept, self.bytes = {}, 0
+
+    def open(self, path: Path, opener) -> Image.Image:
+        """opener(path) (_open_image or _open_label), decoded once while there is room."""
+        image = self.kept.get(path)
+        if image is None:
+            image = opener(path)  # a DataError is raised each time, never kept
+            size = image.width * image.height * len(image.getbands())
+            if self.bytes + size <= DECODED_KEEP_BYTES:
+                self.kept[path], self.bytes = image, self.bytes + size
+        return image
 
 
 def _open_label(path: Path) -> Image.Image:
@@ -1342,13 +1363,14 @@ class LabelledDataset(torch.utils.data.Dataset):
         unlabelled = next((image for image, label in self.samples if label is None), None)
         if unlabelled is not None:
             raise DataError(f"{path}: {unlabelled} has no label (a labelled split needs 'image label' lines)")
+        self.decoded = DecodedFiles()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_path, label_path = self.samples[index]
-        image, label = _open_image(image_path), _open_label(label_path)
+        image, label = self.decoded.open(image_path, _open_image), self.decoded.open(label_path, _open_label)
         if image.size != label.size:
             raise DataError(f"{label_path}: label is {label.width}×{label.height} but {image_path} is "
                             f"{image.width}×{image.height}")
@@ -1422,13 +1444,14 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if missing:
             raise DataError(f"{missing[0]}: missing ({len(missing)} of the {len(self.images)} images of {source})")
         self.with_truth = with_truth
+        self.decoded = DecodedFiles()
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         path, size = self.images[index], self.crop_size
-        image = _open_image(path)
+        image = self.decoded.open(path, _open_image)
         # one crop for both views, so the teacher's pseudo-label from the weak view lines up pixel for pixel with
         # the student's strong view; only colour and blur differ between them
         crop = _sample_crop(image.size, size)
@@ -1445,7 +1468,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         truth_file = truth_path(path)
         if truth_file is None or not truth_file.is_file():
             return torch.full((self.crop_size, self.crop_size), IGNORE_INDEX, dtype=torch.int64)
-        truth = _open_label(truth_file)
+        truth = self.decoded.open(truth_file, _open_label)
         if truth.size != image_size:
             raise DataError(f"{truth_file}: true layout is {truth.width}×{truth.height}, {path} is "
                             f"{image_size[0]}×{image_size[1]}")

@@ -256,6 +256,28 @@ def test_weak_and_strong_views_share_geometry(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for x, y in zip(first, again) for a, b in zip(x, y))  # torch RNG only
 
 
+def test_training_sets_decode_each_file_once_while_it_fits(tmp_path, monkeypatch):
+    # The decoded files a dataset keeps give the same items as decoding again; past DECODED_KEEP_BYTES nothing more
+    # is kept (each read decodes anew)
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        save(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), tmp_path / f"{name}.png")
+    opened = []
+    real_open = data._open_image
+    monkeypatch.setattr(data, "_open_image", lambda path: opened.append(path.name) or real_open(path))
+    dataset = data.SyntheticDataset(tmp_path, crop_size=32, patch_size=8)
+    torch.manual_seed(0)
+    kept = [dataset[i % 2] for i in range(6)]
+    assert sorted(opened) == ["a.png", "b.png"]  # decoded once each
+    monkeypatch.setattr(data, "DECODED_KEEP_BYTES", 40 * 40 * 3)  # room for one file
+    fresh = data.SyntheticDataset(tmp_path, crop_size=32, patch_size=8)
+    opened.clear()
+    torch.manual_seed(0)
+    again = [fresh[i % 2] for i in range(6)]
+    assert opened == ["a.png", "b.png", "b.png", "b.png"]  # a kept, b decoded at every read
+    assert all(torch.equal(x, y) for first, second in zip(kept, again) for x, y in zip(first, second))
+
+
 def test_colour_table_matches_torchvision_ops():
     rng = np.random.default_rng(0)
     image = Image.fromarray(np.clip(rng.normal(120, 60, (64, 64, 3)), 0, 255).astype(np.uint8))
