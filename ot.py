@@ -120,21 +120,20 @@ when a process group is initialised.
 
 Relation to the exp-domain form of the reference code ("SwAV" form)
 -------------------------------------------------------------------
-The reference (github.com/zhang0jhon/SENSE) computes Q = exp(s/τ) (K x N, τ = β = 0.05) in float32 over all
-pixels of the batch, divides by its total, then runs 3 sweeps of [divide each class row by its sum and by K;
-divide each pixel column by its sum and by N] and returns N Q. That is the same Sinkhorn iteration (class step
-first, uniform b) with the same start as our default, without stabilisation: exp(log p / 0.05) = p^20 leaves
-float32's normal range once p < 0.0126 and is 0 once p < 0.0057, so every class whose probability stays below
-that at all pixels drops out of the marginal, and for K >= 178 a near-uniform pixel underflows entirely and loses
-all its mass (for 79 <= K < 178 it survives only through denormal numbers, on hardware that keeps them).
-class_marginal="present" (b uniform over the classes whose largest probability reaches min_prob = 0.01)
-reproduces what the reference effectively computes on DPT logits, without the underflow. With the same marginal
-our plan agrees with the reference's computed in float64 at 3 iterations, on teachers with classes peaking at
-1-10 % and on Mask2Former-like bounded scores, K = 19, 81 and 150 (the teachers of tests/test_ot.py): the largest
-difference of a plan entry measured there is 8e-6 (once, on this version); the tests hold it below 1e-3.
-start="uniform" moves entries by 0.12-0.92 there. Three iterations are far from convergence (class-marginal
-error 0.06-1.6 on segmentation outputs); this is the method as published, and `iters` and `tol` are yours to
-change.
+The reference (github.com/zhang0jhon/SENSE) computes Q = exp(s/τ) (K x N, τ = β = 0.05) in float32 over all pixels
+of the batch, divides by its total, then runs 3 sweeps of [divide each class row by its sum and by K; divide each
+pixel column by its sum and by N] and returns N Q. That is the same Sinkhorn iteration (class step first, uniform b)
+with the same start as our default, without stabilisation: exp(log p / 0.05) = p^20 leaves float32's normal range
+once p < 0.0126 and is 0 once p < 0.0057, so every class whose probability stays below that at all pixels drops out
+of the marginal, and for K >= 178 a near-uniform pixel underflows entirely and loses all its mass (for 79 <= K < 178
+it survives only through denormal numbers, on hardware that keeps them). class_marginal="present" (b uniform over
+the classes whose largest probability reaches min_prob = 0.01) reproduces what the reference effectively computes on
+DPT logits, without the underflow. With the same marginal our plan agrees with the reference's computed in float64
+at 3 iterations, on teachers with classes peaking at 1-10 % and on Mask2Former-like bounded scores, K = 19, 81 and
+150 (the teachers of tests/test_ot.py): the largest difference of a plan entry measured there is 5e-6 (once, on this
+version; 8e-6 on the previous one); the tests hold it below 1e-3. start="uniform" moves entries by 0.12-0.92 there.
+Three iterations are far from convergence (class-marginal error 0.06-1.6 on segmentation outputs); this is the
+method as published, and `iters` and `tol` are yours to change.
 
 What OT changes at 3 iterations
 -------------------------------
