@@ -144,8 +144,8 @@ def test_logits_and_log_probabilities_give_the_same_plan(dtype):
                 assert (p_logits - p_log_probs).abs().max() < tol, (start, marginal, float((p_logits - p_log_probs).abs().max()))
     # the textbook form and ot_pseudo_labels normalise too
     x = logits + offset
-    textbook = sinkhorn_textbook(x[0].double())
-    assert (textbook - sinkhorn_textbook(x[0].double().log_softmax(0))).abs().max() < 1e-9
+    textbook = sinkhorn_textbook(x[:1].double())
+    assert (textbook - sinkhorn_textbook(x[:1].double().log_softmax(1))).abs().max() < 1e-9
     targets, gate, _ = ot_pseudo_labels(x)
     targets_lp, gate_lp, _ = ot_pseudo_labels(x.log_softmax(1))
     assert (targets - targets_lp).abs().max() < tol and torch.equal(gate, gate_lp)
@@ -330,17 +330,39 @@ def test_textbook_sinkhorn_agrees_where_finite(dtype):
     b = torch.distributions.Dirichlet(torch.ones(19, dtype=torch.float64)).sample().to(dtype)
     checked = 0
     for beta, iters in ((0.05, 3), (0.2, 10), (1.0, 50)):
-        for marginal in (None, b):
+        for marginal in ("present", "uniform", b):
             log_p = random_log_p(1, 19, 300, scale=2.0, seed=iters, dtype=dtype)
-            textbook = sinkhorn_textbook(log_p[0], marginal, beta=beta, iters=iters)  # (K, N)
-            ours, _ = sinkhorn(log_p, beta=beta, iters=iters, class_marginal="uniform" if marginal is None else marginal)
-            finite = torch.isfinite(textbook).all(0)  # (N,) pixels where the textbook form did not break down
-            assert torch.allclose(ours[0][:, finite], textbook[:, finite], atol=1e-5 if dtype == torch.float32 else 1e-10)
+            textbook = sinkhorn_textbook(log_p, beta=beta, iters=iters, class_marginal=marginal)  # (1, K, N)
+            ours, _ = sinkhorn(log_p, beta=beta, iters=iters, class_marginal=marginal)
+            finite = torch.isfinite(textbook).all(1)  # (1, N) pixels where the textbook form did not break down
+            assert torch.allclose(ours.movedim(1, -1)[finite], textbook.movedim(1, -1)[finite],
+                                  atol=1e-5 if dtype == torch.float32 else 1e-10)
             checked += int(finite.sum())
-    assert checked > (300 if dtype == torch.float32 else 6 * 300 - 1)  # float64: finite everywhere
+    assert checked > (300 if dtype == torch.float32 else 9 * 300 - 1)  # float64: finite everywhere
     # The textbook form is the reference code's iteration: the same numbers on one image.
     log_p = random_log_p(1, 19, 300, scale=2.0, dtype=torch.float64)
-    assert torch.allclose(sinkhorn_textbook(log_p[0]), reference_exp_domain(log_p, dtype=torch.float64)[0], atol=1e-12)
+    textbook = sinkhorn_textbook(log_p, class_marginal="uniform")
+    assert torch.allclose(textbook, reference_exp_domain(log_p, dtype=torch.float64), atol=1e-12)
+
+
+def test_textbook_takes_sinkhorns_arguments():
+    # The same positional arguments (B, K, *spatial) and valid (B, *spatial), the same keyword defaults (the DPT
+    # recipe: "present"), one problem over the batch's valid pixels; invalid pixels 0.
+    ours, textbook = inspect.signature(sinkhorn).parameters, inspect.signature(sinkhorn_textbook).parameters
+    assert list(textbook)[:2] == list(ours)[:2] == ["logits", "valid"]
+    order = [name for name in ours if name in textbook]
+    assert order == list(textbook)
+    for name, parameter in textbook.items():
+        assert parameter.default == ours[name].default and parameter.kind == ours[name].kind, name
+    log_p = random_log_p(3, 7, 36, seed=4, dtype=torch.float64).reshape(3, 7, 6, 6)
+    valid = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.3
+    textbook = sinkhorn_textbook(log_p, valid)
+    assert textbook.shape == log_p.shape and (textbook.movedim(1, -1)[~valid] == 0).all()
+    assert torch.allclose(textbook, sinkhorn(log_p, valid)[0], atol=1e-10)
+    # a class below min_prob everywhere gets no mass and no NaN (the old uniform default gave NaN here in float32)
+    flat = torch.full((1, 3, 4), -200.0)
+    flat[0, 0], flat[0, 1, :2] = 0.0, 0.0
+    assert torch.isfinite(sinkhorn_textbook(flat)).all()
 
 
 def test_docstring_examples_run():
@@ -450,17 +472,21 @@ def test_half_inputs(dtype):
 
 
 def test_non_finite_entries_make_pixels_invalid():
+    # NaN and +inf make a pixel invalid (counted), and so does a pixel without any finite entry; a single -inf is a
+    # probability of 0 and the pixel takes part.
     log_p = random_log_p(1, 19, 100)
     log_p[0, 3, 10] = float("nan")
     log_p[0, 0, 20] = float("inf")
     log_p[0, 5, 30] = -float("inf")
+    log_p[0, :, 40] = -float("inf")
     plan, stats = sinkhorn(log_p, iters=50)
     assert stats["nonfinite"] == 3 and stats["invalid"] == 3
     rows = torch.ones(1, 100, dtype=torch.bool)
-    rows[0, [10, 20, 30]] = False
+    rows[0, [10, 20, 40]] = False
     assert_sane(plan, rows)
+    assert plan[0, 5, 30] < 1e-30  # like a logit far below the others: at most the exponent floor
     targets, gate, _ = ot_pseudo_labels(log_p * 10)
-    assert not gate[0, [10, 20, 30]].any() and torch.isfinite(targets).all()
+    assert not gate[0, [10, 20, 40]].any() and torch.isfinite(targets).all()
 
 
 def test_extreme_logits_converge_without_overflow():
@@ -670,3 +696,168 @@ def test_gate_on_plan_gates_the_ot_rows():
     assert not torch.equal(gate_plan, gate_teacher)
     with pytest.raises(ValueError, match="gate_on"):
         ot_pseudo_labels(logits, gate_on="student")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The traps a copier falls into: each is correct or a one-line ValueError naming the argument
+
+
+def one_line_error(match: str, call) -> str:
+    with pytest.raises(ValueError, match=match) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_minus_inf_log_probabilities_give_the_logits_plan():
+    # softmax().log() of a confident teacher: -inf wherever a class underflows, at the most confident pixels.
+    x = torch.randn(2, 7, 16, 16, generator=torch.Generator().manual_seed(0)) * 30
+    log_p = x.softmax(1).log()
+    assert torch.isinf(log_p).any(1).sum() > 50
+    targets, gate, stats = ot_pseudo_labels(x)
+    targets_lp, gate_lp, stats_lp = ot_pseudo_labels(log_p)
+    assert stats_lp["invalid"] == 0 and stats_lp["nonfinite"] == 0
+    assert torch.equal(gate, gate_lp) and int(gate.sum()) > 300
+    assert (targets - targets_lp).abs().max() < 1e-5
+    for marginal in ("present", "uniform"):
+        for start in ("reference", "uniform"):
+            plan, _ = sinkhorn(x, class_marginal=marginal, start=start, iters=20)
+            plan_lp, _ = sinkhorn(log_p, class_marginal=marginal, start=start, iters=20)
+            assert (plan - plan_lp).abs().max() < 1e-5, (marginal, start)
+    assert (sinkhorn_textbook(log_p.double()) - sinkhorn_textbook(x.double())).abs().max() < 1e-5  # log_p rounded
+    # a class at -inf on every pixel has probability 0: no share of a uniform or a given marginal, no NaN
+    log_p[:, 3] = -math.inf
+    for marginal in ("uniform", torch.ones(7)):
+        plan, stats = sinkhorn(log_p, beta=1.0, class_marginal=marginal, iters=5000, tol=1e-6)
+        assert torch.isfinite(plan).all() and plan[:, 3].max() < 1e-30 and stats["converged"]
+        assert torch.allclose(plan.mean((0, 2, 3))[[0, 1, 2, 4, 5, 6]], torch.full((6,), 1 / 6), atol=1e-5)
+
+
+def test_probabilities_are_refused():
+    logits = torch.randn(2, 19, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    for probs in (logits.softmax(1), logits.softmax(1).bfloat16(), logits.double().softmax(1)):
+        for call in (lambda: sinkhorn(probs), lambda: ot_pseudo_labels(probs)):
+            assert "probs.log()" in one_line_error("logits look like probabilities", call)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[0, 0, 0] = False
+    probs = logits.softmax(1)
+    probs[0, :, 0, 0] = 7.0  # a padded pixel does not hide them
+    one_line_error("logits look like probabilities", lambda: sinkhorn(probs, valid))
+    # their log is accepted, and so are logits in [0, 1] that do not sum to 1 and Mask2Former-like scores
+    assert torch.allclose(sinkhorn(logits.softmax(1).log())[0], sinkhorn(logits)[0], atol=1e-5)
+    sinkhorn(torch.rand(2, 19, 8, 8))
+    scores = mask2former_like(2, 19, side=8).exp() * torch.rand(2, 1, 64) * 2  # (B, K, N) in [0, 2], sums vary
+    sinkhorn(scores)
+
+
+def test_autocast_changes_nothing():
+    # Under CPU bf16 autocast the solver's matrix products, the gate and the loss stay in float32 (before: plan
+    # entries moved by up to 7e-3 here, the loss by 2e-3).
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 19, 32, 32, generator=g) * 5
+    student = torch.randn(4, 19, 32, 32, generator=g)
+    targets, gate, _ = ot_pseudo_labels(logits)
+    plain = (sinkhorn(logits, class_marginal="uniform", iters=10)[0], targets, gate,
+             soft_cross_entropy(student, targets, gate))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets_a, gate_a, _ = ot_pseudo_labels(logits)
+        under = (sinkhorn(logits, class_marginal="uniform", iters=10)[0], targets_a, gate_a,
+                 soft_cross_entropy(student, targets_a, gate_a))
+    for name, p, q in zip(("sinkhorn", "targets", "gate", "loss"), plain, under):
+        assert p.dtype == q.dtype, name
+        assert (p.double() - q.double()).abs().max() <= 1e-6, name
+    textbook = sinkhorn_textbook(logits.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (sinkhorn_textbook(logits.double()) - textbook).abs().max() <= 1e-6
+    loss64 = soft_cross_entropy(student.double(), targets.double(), gate)
+    assert loss64.dtype == torch.float64 and abs(float(loss64) - float(plain[3])) < 1e-5
+
+
+def test_soft_cross_entropy_checks_shapes_and_dtypes():
+    student = torch.randn(2, 5, 4, 4)
+    targets = student.softmax(1)
+    gate = torch.ones(2, 4, 4, dtype=torch.bool)
+    cases = {
+        "gate": [torch.ones(4, 4, dtype=torch.bool), torch.ones(1, dtype=torch.bool), gate[:, :, :1], gate.float()],
+        "targets": [targets[:, :, :1, :1], targets[:1], targets.argmax(1), targets.argmax(1, keepdim=True).expand_as(targets)],
+        "student_logits": [student.long(), student[0, 0, 0]],
+    }
+    for name, bad in cases.items():
+        for value in bad:
+            args = {"student_logits": student, "targets": targets, "gate": gate, name: value}
+            one_line_error(name, lambda: soft_cross_entropy(args["student_logits"], args["targets"], args["gate"]))
+    assert torch.allclose(soft_cross_entropy(student, targets, gate), -(targets * student.log_softmax(1)).sum(1).mean())
+
+
+@pytest.mark.parametrize("name, value", [("beta", -1.0), ("beta", 0.0), ("beta", math.nan), ("beta", math.inf),
+                                         ("iters", 0), ("iters", 2.5), ("tol", -1.0), ("min_prob", -1.0),
+                                         ("min_prob", 2.0), ("conf_thresh", 95.0), ("conf_thresh", -0.1)])
+def test_ranges_are_checked(name, value):
+    log_p = random_log_p(2, 5, 16)
+    calls = {"ot_pseudo_labels": lambda: ot_pseudo_labels(log_p, **{name: value})}
+    if name != "conf_thresh":
+        calls["sinkhorn"] = lambda: sinkhorn(log_p, **{name: value})
+    if name in ("beta", "iters", "min_prob"):
+        calls["sinkhorn_textbook"] = lambda: sinkhorn_textbook(log_p, **{name: value})
+    for caller, call in calls.items():
+        assert one_line_error(f"{caller}: {name} must be", call).endswith(repr(value))
+
+
+def test_tensor_arguments_are_checked():
+    log_p = random_log_p(2, 5, 16)
+    for fn in (sinkhorn, ot_pseudo_labels, sinkhorn_textbook):
+        one_line_error("logits must be a float tensor", lambda: fn(log_p.argmax(1, keepdim=True).expand(2, 5, 16)))
+        one_line_error("logits must be a torch.Tensor", lambda: fn(log_p.numpy()))
+        one_line_error(r"valid must have shape \(2, 16\)", lambda: fn(log_p, torch.ones(16, dtype=torch.bool)))
+        one_line_error("class_marginal tensor must be real with shape", lambda: fn(log_p, class_marginal=torch.ones(2, 5)))
+        one_line_error("class_marginal must be finite", lambda: fn(log_p, class_marginal=-torch.ones(5)))
+    # a (B, K) marginal with scope="image" is fine
+    sinkhorn(log_p, class_marginal=torch.rand(2, 5) + 0.1, scope="image")
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8, 8), (2, 5, 0, 8), (2, 5, 0)])
+def test_empty_inputs_give_empty_results(shape):
+    logits = torch.randn(shape)
+    plan, stats = sinkhorn(logits)
+    assert plan.shape == shape and plan.dtype == torch.float32 and stats["iters"] == 0
+    targets, gate, stats = ot_pseudo_labels(logits)
+    assert targets.shape == shape and gate.shape == shape[:1] + shape[2:] and stats["mask_ratio"] == 0.0
+    assert sinkhorn_textbook(logits).shape == shape
+    student = torch.randn(shape, requires_grad=True)
+    loss = soft_cross_entropy(student, targets, gate)
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_iters_always_stops_the_loop_and_tol_only_earlier():
+    log_p = random_log_p(2, 19, 200, scale=3.0)
+    _, stats = sinkhorn(log_p, tol=1e-6)  # 3 iterations, the default: tol does not lift them
+    assert stats["iters"] == 3 and not stats["converged"] and stats["marginal_error"] > 1e-6
+    _, stats = sinkhorn(log_p, iters=10000, tol=1e-6)
+    assert stats["iters"] < 10000 and stats["converged"] and stats["marginal_error"] < 2e-6
+    _, stats = sinkhorn(log_p, iters=5)
+    assert stats["iters"] == 5 and not stats["converged"]
+
+
+def test_one_name_per_concept():
+    # The input is `logits` in every public function, the class marginal `class_marginal`, the gate `gate`.
+    for fn in (sinkhorn, sinkhorn_textbook, ot_pseudo_labels):
+        parameters = list(inspect.signature(fn).parameters)
+        assert parameters[:2] == ["logits", "valid"] and "class_marginal" in parameters, fn.__name__
+    assert list(inspect.signature(soft_cross_entropy).parameters)[:3] == ["student_logits", "targets", "gate"]
+    for fn in (sinkhorn, sinkhorn_textbook, ot_pseudo_labels, soft_cross_entropy):
+        assert not re.search(r"^\s+(log_p|teacher_logits|b)[:,]", fn.__doc__, re.M), fn.__name__  # the old names
+
+
+def test_copy_named_sense_ot_next_to_pot_passes_its_doctests(tmp_path):
+    # The README's advice next to POT: copy ot.py under another name. Its examples use the module's own names.
+    (tmp_path / "sense_ot.py").write_text((ROOT / "ot.py").read_text())
+    assert "from ot import" not in (ROOT / "ot.py").read_text().replace("# in your code first: from ot import", "")
+    run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=tmp_path, env=clean_env(), capture_output=True,
+                                       text=True)
+    check = run("-c", "import ot, sense_ot, torch; assert 'site-packages' in ot.__file__ or 'dist-packages' in "
+                      "ot.__file__, ot.__file__; print(sense_ot.sinkhorn(torch.randn(2, 19, 8, 8))[1]['iters'])")
+    assert check.returncode == 0 and check.stdout.strip() == "3", check.stderr
+    doctests = run("-m", "doctest", "-v", "sense_ot.py")
+    assert doctests.returncode == 0, doctests.stdout[-3000:] + doctests.stderr[-3000:]
+    assert " 0 failed" in doctests.stdout and "passed" in doctests.stdout
