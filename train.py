@@ -396,8 +396,11 @@ def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Nam
     """
     if args.method == "sense":
         # Every argument explicit: a fixed iteration count (tol None) from the reference code's start. Mask2Former's
-        # scores go in as logits (their log-softmax is the cost), as in the reference code.
-        targets, gate, stats = ot_pseudo_labels(scores, valid, beta=args.ot_beta, iters=args.ot_iters,
+        # scores go in as logits (their log-softmax is the cost), as in the reference code, shifted by 1: log-softmax
+        # ignores a constant, and ot.py refuses what looks like probabilities (entries in [0, 1] summing to 1 at every
+        # pixel), which a sure Mask2Former teacher's scores can
+        logits = scores if args.arch == "dpt" else scores + 1
+        targets, gate, stats = ot_pseudo_labels(logits, valid, beta=args.ot_beta, iters=args.ot_iters,
                                                 class_marginal=class_marginal, scope=args.ot_scope,
                                                 min_prob=args.ot_min_prob, tol=None, start="reference",
                                                 conf_thresh=args.conf_thresh, gate_on=args.ot_gate,

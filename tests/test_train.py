@@ -26,6 +26,7 @@ from torch import nn
 
 import data
 import model
+import ot
 import train
 from model import build_model
 from ot import soft_cross_entropy as ot_soft_cross_entropy  # the real one, for nan_at
@@ -513,6 +514,22 @@ def test_soft_trains_on_the_teacher_probabilities_and_pseudo_on_its_argmax():
     hard, hard_gate, _ = train.pseudo_targets(logits, valid, method_args("pseudo"), "present")
     assert torch.equal(hard, torch.nn.functional.one_hot(logits.argmax(1), K).movedim(-1, 1).float())
     assert torch.equal(hard_gate, gate)
+
+
+def test_mask2former_scores_that_sum_to_one_go_through_ot():
+    # A sure Mask2Former teacher: one query per pixel with class probability 1 and a sharp mask, so its scores are
+    # in [0, 1] and sum to 1 at every pixel, as probabilities do; ot.py refuses probabilities, train.py's shift by 1
+    # (which log-softmax ignores) keeps them logits
+    torch.manual_seed(0)
+    scores = torch.nn.functional.one_hot(torch.randint(K, (2, 8, 8)), K).movedim(-1, 1).float()  # (2, K, 8, 8)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    args = method_args("sense", arch="mask2former", ot_marginal="uniform")
+    targets, _, _ = train.pseudo_targets(scores, valid, args, "uniform")
+    reference, _, _ = ot.ot_pseudo_labels(scores.log_softmax(1), valid, beta=args.ot_beta, iters=args.ot_iters,
+                                          class_marginal="uniform", scope=args.ot_scope, tol=None, start="reference")
+    torch.testing.assert_close(targets, reference)
+    with pytest.raises(ValueError, match="look like probabilities"):  # what the shift avoids
+        ot.ot_pseudo_labels(scores, valid)
 
 
 def test_plan_gate_gates_on_the_ot_rows_not_on_the_teacher():
