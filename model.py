@@ -534,8 +534,9 @@ class DPT(nn.Module):
         # Final norm applied to every tap, class/register tokens dropped (as Depth Anything's DPT does).
         tokens = self.backbone.forward_intermediates(
             images, indices=self.taps, norm=True, output_fmt="NCHW", intermediates_only=True)  # 4 × (B, D, h, w)
-        # The head's convolutions in channels-last memory (same values, another layout): oneDNN on a CPU and cuDNN
-        # run these narrow convolutions faster so (bench.py train); the logits come back in the default layout.
+        # The head's convolutions in channels-last memory (the same values, another layout): oneDNN runs these narrow
+        # convolutions ~1.3× faster so on a CPU (bench.py train; not measured on a GPU, where cuDNN accepts it too);
+        # the logits come back in the default layout.
         tokens = [t.contiguous(memory_format=torch.channels_last) for t in tokens]
         logits = self.head(tokens)  # (B, K, 8h, 8w)
         logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (B, K, H, W)
