@@ -66,8 +66,8 @@ ARCH_PRESETS = {
 #     (an epoch over the real set is 2.5 steps: the 20 labelled images are seen 720 times), and the longest
 #     schedule whose first run stays near 5 minutes on 2 CPU cores (bench.py train: ~135 ms a step). The criterion
 #     the schedule is measured against, the smallest step count at which supervised_B gains at most 0.5 mIoU from
-#     doubling its steps, is not met here: 3 seeds gain 2.3 from 900 to 1800 and 1.3 from 1800 to 3600
-#     (docs/toy_study.md, "The schedule"); SENSE leads supervised_B by 2.0 at 1800;
+#     doubling its steps, gives 3600 (3 seeds gain 2.3 from 900 to 1800, 1.3 from 1800 to 3600, -0.3 from 3600 to
+#     7200; docs/toy_study.md, "The schedule"), a first run of about 8 minutes; SENSE leads supervised_B by 2.0 at 1800;
 #   lr 5e-4, head ×4: the pretrained toy ViT is 4 blocks of width 128, far from DINOv2's 5e-6 regime (1e-3 with
 #     head ×10 diverged); from random init (--pretrained none) the backbone takes 5e-4 and head ×2;
 #   EMA λ_max 0.98: 0.996 averages over ~250 steps, a seventh of the run; 0.98 (~50 steps) keeps the teacher as
