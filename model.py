@@ -839,6 +839,9 @@ class Mask2FormerSize:
     decoder_layers: int  # masked-attention layers; there are decoder_layers + 1 predictions
     decoder_ffn: int
     points: int = 4  # sampling points per head and level (Deformable DETR)
+    # P, points per mask at which the set loss compares masks: Mask2Former's 12544 (112²) is ~2-3 % of a 640-768
+    # crop's pixels; a 64-pixel toy crop has 4096 pixels, and 12544 points cost a third of a toy step
+    loss_points: int = 12544
 
 
 M2F_SIZES = {  # L = SENSE's head (Mask2Former's standard numbers); S = a lighter one; toy = CPU tests
@@ -847,7 +850,7 @@ M2F_SIZES = {  # L = SENSE's head (Mask2Former's standard numbers); S = a lighte
     "S": Mask2FormerSize(width=256, heads=8, queries=100, encoder_layers=3, encoder_ffn=1024,
                          decoder_layers=6, decoder_ffn=1024),
     "toy": Mask2FormerSize(width=64, heads=4, queries=16, encoder_layers=1, encoder_ffn=128,
-                           decoder_layers=3, decoder_ffn=128),
+                           decoder_layers=3, decoder_ffn=128, loss_points=1024),
 }
 M2F_LEVELS = 3  # levels at strides 32, 16, 8 seen by both transformers (Mask2Former)
 M2F_GROUPS = 32  # GroupNorm groups of the pixel decoder's convolutions (Mask2Former)

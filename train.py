@@ -535,7 +535,8 @@ def supervised_loss(pred_x, label_x: torch.Tensor, args: argparse.Namespace, dev
         label_x: (B_x, H, W) int64, 255 = ignore.
     """
     if args.arch == "mask2former":
-        return models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, args.num_classes))["loss"]
+        return models.mask2former_loss(pred_x, models.semantic_to_targets(label_x, args.num_classes),
+                                       num_points=m2f_points(args))["loss"]
     if args.ohem == "on":
         loss_x, n_x = ohem_cross_entropy(pred_x, label_x, OHEM_THRESH, OHEM_MIN_KEPT)
     else:
@@ -557,7 +558,12 @@ def synthetic_loss(pred_u, targets: torch.Tensor, label: torch.Tensor, gate: tor
         return soft_cross_entropy(pred_u, targets, gate, group=dist.group.WORLD)  # the mean over all ranks' pixels
     valid = None if args.m2f_ignore_as_negative else list(gate)  # ignored pixels out of the mask loss
     return models.mask2former_loss(pred_u, models.semantic_to_targets(label, args.num_classes), valid_masks=valid,
-                                   **M2F_SYNTHETIC)["loss"]
+                                   num_points=m2f_points(args), **M2F_SYNTHETIC)["loss"]
+
+
+def m2f_points(args: argparse.Namespace) -> int:
+    """P, the points per mask of the Mask2Former set loss: the head size's (12544 for real backbones, 1024 toy)."""
+    return models.M2F_SIZES[models.M2F_HEAD_SIZES[args.backbone]].loss_points
 
 
 def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:

@@ -446,3 +446,11 @@ def test_queries_and_level_embeddings_train_without_weight_decay():
         torch.testing.assert_close(p.detach(), before[name] * shrink)
     dpt = build_model("dpt", "toy", 7, pretrained=False)
     assert [g["weight_decay"] for g in train.param_groups(dpt, 1e-3, 10.0, 0.05)] == [0.05, 0.05]
+
+
+def test_set_loss_points_are_mask2formers_for_real_heads_and_fewer_for_the_toy():
+    import argparse
+    import train
+    for backbone, head in M2F_HEAD_SIZES.items():
+        points = train.m2f_points(argparse.Namespace(backbone=backbone))
+        assert points == (1024 if head == "toy" else 12544), backbone  # 12544 = 112², Mask2Former's own
