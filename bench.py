@@ -519,7 +519,7 @@ def gpu_step_profile(arch: str, backbone: str, crop: int, batch: int, device, am
         mixed, scores = train.cutmix(image_s, box), train.cutmix(scores, box)
         with timer("ot"):  # stage 4 and the per-architecture labels
             targets, gate, _ = train.pseudo_targets(scores, valid, args, args.ot_marginal)
-            label_u, gate = train.synthetic_labels(targets, gate, ~valid, query_conf, args)
+            label_u, gate = train.synthetic_labels(targets, gate, query_conf, args)
         with timer("student"):  # stages 5-9
             with autocast():
                 pred_x, pred_u = train.split_outputs(student(torch.cat([image_x, mixed])), batch)

@@ -494,7 +494,9 @@ def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], data
     """Per class, what SENSE's γ gate lets through on images whose true layout is known.
 
     The teacher sees each whole image (patch-multiple size, as teacher_labels); a pixel passes when its largest
-    class probability (DPT: softmax of the logits; Mask2Former: its scores) is >= conf_thresh.
+    class probability (DPT: softmax of the logits; Mask2Former: its scores) is >= conf_thresh. A Mask2Former
+    teacher's image gate applies too, as in training: an image whose mean query confidence is < conf_thresh passes
+    no pixel ("images", "kept").
 
     Args:
         teacher: a model from model.build_model, in eval mode.
@@ -503,22 +505,30 @@ def gate_report(teacher: torch.nn.Module, samples: list[tuple[Path, Path]], data
         conf_thresh: γ.
     Returns:
         "pixels" (K,) true pixels per class, "gated" (K,) of them passing the gate, "correct" (K,) of those with
-        the right label, "gated_as" (K,) gated pixels labelled as the class (right or wrong).
+        the right label, "gated_as" (K,) gated pixels labelled as the class (right or wrong); for Mask2Former also
+        "images" and "kept" (1,): the images seen and those its image gate keeps.
     """
     K = data.get_spec(dataset).num_classes
     device = next(teacher.parameters()).device
     counts = {name: np.zeros(K, np.int64) for name in ("pixels", "gated", "correct", "gated_as")}
+    if teacher.arch == "mask2former":
+        counts.update(images=np.zeros(1, np.int64), kept=np.zeros(1, np.int64))
     for image_path, label_path in samples:
         image = torch.from_numpy(data.load_image(image_path)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W)
         truth = torch.from_numpy(data.load_label(dataset, label_path).astype(np.int64))[None, None].float()
         x = teacher_input(teacher, image)  # (1, 3, h, w)
         size = tuple(x.shape[-2:])
-        scores = model.class_scores(teacher, x)
+        scores, query_conf = train.teacher_predict(teacher, x, "none")  # (1, K, h, w), Mask2Former (1,) or None
         probabilities = train.teacher_probabilities(scores, teacher.arch)  # (1, K, h, w)
         confidence, label = probabilities.max(1)  # (1, h, w)
         truth = F.interpolate(truth, size=size, mode="nearest")[:, 0].long().to(device)  # (1, h, w)
         known = truth != data.IGNORE_INDEX
         gated = known & (confidence >= conf_thresh)
+        if query_conf is not None:
+            kept = bool(query_conf[0] >= conf_thresh)
+            counts["images"] += 1
+            counts["kept"] += kept
+            gated &= kept
         counts["pixels"] += torch.bincount(truth[known], minlength=K)[:K].cpu().numpy()
         counts["gated"] += torch.bincount(truth[gated], minlength=K)[:K].cpu().numpy()
         counts["correct"] += torch.bincount(truth[gated & (label == truth)], minlength=K)[:K].cpu().numpy()
@@ -542,6 +552,10 @@ def format_gate_report(counts: dict[str, np.ndarray] | list[dict[str, np.ndarray
         gated_as = round(float(np.mean([run["gated_as"][k] for run in runs])))
         lines.append(f"| {name} | {round(float(np.mean(pixels)))} | {mean_std(share, decimals=1)} | "
                      f"{mean_std(right, decimals=1)} | {gated_as} |")
+    if all("kept" in run for run in runs):  # Mask2Former: its image gate, before any pixel
+        kept = [100 * run["kept"][0] / max(run["images"][0], 1) for run in runs]
+        lines.append(f"\nMask2Former image gate: {mean_std(kept, decimals=1)} % of the {int(runs[0]['images'][0])} "
+                     f"images kept.")
     return "\n".join(lines)
 
 

@@ -57,9 +57,12 @@ DATASET_PRESETS = {
     "coco": dict(crop={"dpt": 518, "mask2former": 640}, epochs=20, batch_size=16, ohem=False, tta="scales"),
 }
 ARCH_PRESETS = {
-    # backbone lr, head lr multiplier, AdamW weight decay, OT class marginal, backbone for real datasets
-    "dpt": dict(lr=5e-6, head_lr_mult=40.0, weight_decay=0.01, ot_marginal="present", backbone="dinov2_s"),
-    "mask2former": dict(lr=5e-6, head_lr_mult=10.0, weight_decay=0.05, ot_marginal="uniform", backbone="dinov3_l"),
+    # backbone lr, head lr multiplier, AdamW weight decay, OT class marginal, what the γ gate reads (DPT: the
+    # teacher, the paper's text; Mask2Former: the OT plan, as the reference code's query branch runs), backbone
+    "dpt": dict(lr=5e-6, head_lr_mult=40.0, weight_decay=0.01, ot_marginal="present", ot_gate="teacher",
+                backbone="dinov2_s"),
+    "mask2former": dict(lr=5e-6, head_lr_mult=10.0, weight_decay=0.05, ot_marginal="uniform", ot_gate="plan",
+                        backbone="dinov3_l"),
 }
 # Toy-only choices, each with its reason:
 #   iters 1800: a fixed number of steps whatever the synthetic set's size, so every study compares equal compute
@@ -149,8 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ot-marginal", default=None, choices=("uniform", "present", "prior"),
                    help="class marginal: uniform, present (classes the teacher sees), prior (the labelled split's "
                         "class pixel frequencies) (default: present for dpt, uniform for mask2former)")
-    g.add_argument("--ot-gate", default="teacher", choices=("teacher", "plan"),
-                   help="γ gate on the teacher's softmax (the paper) or on the OT plan's rows (default: teacher)")
+    g.add_argument("--ot-gate", default=None, choices=("teacher", "plan"),
+                   help="γ gate on the teacher's probabilities or on the OT plan's rows (default: teacher for dpt, "
+                        "the paper; plan for mask2former, the reference code)")
     g.add_argument("--ot-min-prob", type=float, default=0.01, help="threshold of 'present' classes (default: 0.01)")
     g.add_argument("--tta", default=None, choices=("none", "flip", "scales"),
                    help="teacher TTA on half the synthetic batch (default: flip Cityscapes/toy, scales×flip ADE20K/COCO)")
@@ -208,10 +212,9 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
             raise ValueError(f"{flag} {value}: must be at least {1 if key in AT_LEAST_1 else 0}")
         if (key in IN_0_1 and not 0 <= value <= 1) or (key == "ot_beta" and not value > 0):
             raise ValueError(f"{flag} {value}: must be {'in [0, 1]' if key in IN_0_1 else 'positive'}")
-    if args.method in TRUTH_METHODS and (args.dataset != "toy" or args.arch != "dpt"):
-        raise ValueError(f"--method {args.method}: a control of the toy world with --arch dpt (only the toy world "
-                         f"stores the true layouts of its synthetic images), got --dataset {args.dataset} --arch "
-                         f"{args.arch}")
+    if args.method in TRUTH_METHODS and args.dataset != "toy":
+        raise ValueError(f"--method {args.method}: a control of the toy world (only the toy world stores the true "
+                         f"layouts of its synthetic images), got --dataset {args.dataset}")
     unused = {}  # flag -> why it does nothing here
     ot_flags = ("ot_beta", "ot_iters", "ot_scope", "ot_marginal", "ot_gate", "ot_min_prob")
     if args.method == "supervised":
@@ -256,6 +259,7 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     args.tta = args.tta or ds["tta"]
     args.ohem = args.ohem or ("on" if ds["ohem"] and args.arch == "dpt" else "off")  # Mask2Former's L_x has none
     args.ot_marginal = args.ot_marginal or arch["ot_marginal"]
+    args.ot_gate = args.ot_gate or arch["ot_gate"]
     random_init = models.is_no_weights(args.pretrained)
     optim = {**arch, **((TOY_OPTIM_RANDOM_INIT if random_init else TOY_OPTIM) if args.backbone == "toy" else {}),
              **(TOY_SCHEDULE if toy else {})}
@@ -405,6 +409,9 @@ def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Nam
                                                 min_prob=args.ot_min_prob, tol=None, start="reference",
                                                 conf_thresh=args.conf_thresh, gate_on=args.ot_gate,
                                                 group=dist.group.WORLD)  # under DDP: one problem over all ranks
+        if args.arch == "mask2former" and args.ot_gate == "teacher":  # ot.py's teacher gate reads a softmax; a
+            # Mask2Former teacher's confidence is its score itself (teacher_probabilities)
+            gate = (scores.amax(1) >= args.conf_thresh) & valid & (targets.sum(1) > 0)
         return targets, gate, {"ot_err": stats["marginal_error"]}
     targets = teacher_probabilities(scores, args.arch)  # (B, K, H, W)
     gate = (targets.amax(1) >= args.conf_thresh) & valid
@@ -418,46 +425,27 @@ def pseudo_targets(scores: torch.Tensor, valid: torch.Tensor, args: argparse.Nam
     return targets, gate, {}
 
 
-def mask2former_labels(targets: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor,
-                       conf_thresh: float) -> torch.Tensor:
-    """Hard synthetic labels of the Mask2Former branch (paper: "pixel- and query-based segmenters").
-
-    A pixel keeps the argmax of its target where the target's confidence is >= δ; an image whose teacher is
-    unsure (query_conf < δ) is dropped whole. As in the reference code, image b's gate covers the whole
-    CutMixed image b, the box pasted from image B−1−b included.
-
-    Args:
-        targets: (B, K, H, W) OT plan rows (or teacher probabilities) of the CutMixed batch.
-        ignore: (B, H, W) bool, True on padding (CutMixed).
-        query_conf: (B,) per-image confidence from teacher_predict (not CutMixed).
-        conf_thresh: δ.
-    Returns:
-        (B, H, W) int64 labels, 255 = not trained on.
-    """
-    conf, label = targets.max(1)  # (B, H, W) ×2
-    unsure = (query_conf < conf_thresh)[:, None, None]  # (B, 1, 1)
-    label[(conf < conf_thresh) | ignore | unsure] = data.IGNORE_INDEX
-    return label
-
-
-def synthetic_labels(targets: torch.Tensor, gate: torch.Tensor, ignore: torch.Tensor, query_conf: torch.Tensor | None,
+def synthetic_labels(targets: torch.Tensor, gate: torch.Tensor, query_conf: torch.Tensor | None,
                      args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """The label each synthetic pixel is trained on, per architecture (paper: "pixel- and query-based segmenters").
+    """The label each synthetic pixel is trained on (paper: "pixel- and query-based segmenters").
 
-    DPT: the targets' argmax on the gated pixels (the loss itself uses the soft targets). Mask2Former: hard labels
-    where the targets' confidence is >= δ, unsure images dropped whole (mask2former_labels).
+    Both architectures: the targets' argmax on the pixels the γ gate passes (pseudo_targets: on the teacher's
+    confidence or, --ot-gate plan, on the plan's). DPT's loss then uses the soft targets there; Mask2Former's takes
+    these hard labels, one target mask per class. Mask2Former also drops every image whose teacher is unsure of its
+    queries (query_conf < δ, teacher_predict), except under --method truth, which trains on every true pixel. As in
+    the reference code, image b's image gate covers the whole CutMixed image b, the box pasted from image B−1−b
+    included.
 
     Args:
-        targets: (B, K, H, W) from pseudo_targets. gate: (B, H, W) bool, its γ gate.
-        ignore: (B, H, W) bool, True on padding. query_conf: (B,) Mask2Former image confidence, or None.
+        targets: (B, K, H, W) from pseudo_targets. gate: (B, H, W) bool, its γ gate (False on padding).
+        query_conf: (B,) Mask2Former's per-image confidence (not CutMixed), or None (DPT).
     Returns:
         label (B, H, W) int64 with 255 where nothing is trained on, and the gate of the pixels trained on.
     """
-    if args.arch == "dpt":
-        # max(1).indices is argmax(1) (the first maximum), ~8× faster over the class dimension on a CPU
-        return torch.where(gate, targets.max(1).indices, data.IGNORE_INDEX), gate
-    label = mask2former_labels(targets, ignore, query_conf, args.conf_thresh)
-    return label, label != data.IGNORE_INDEX
+    if query_conf is not None and args.method != "truth":
+        gate = gate & (query_conf >= args.conf_thresh)[:, None, None]  # (B, H, W): unsure images dropped whole
+    # max(1).indices is argmax(1) (the first maximum), ~8× faster over the class dimension on a CPU
+    return torch.where(gate, targets.max(1).indices, data.IGNORE_INDEX), gate
 
 
 def ohem_cross_entropy(logits: torch.Tensor, label: torch.Tensor, thresh: float, min_kept: int) -> tuple[torch.Tensor, int]:
@@ -595,7 +583,7 @@ def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
             # 4. OT: soft pseudo-labels and the γ gate (sense; pseudo and soft take the teacher's own labels)
             targets, gate, target_logs = pseudo_targets(scores_u, ~ignore_u, args, run.class_marginal,
                                                         (truth or [None])[0])  # (B, K, c, c), (B, c, c)
-            label_u, gate = synthetic_labels(targets, gate, ignore_u, query_conf, args)  # (B, c, c) ×2
+            label_u, gate = synthetic_labels(targets, gate, query_conf, args)  # (B, c, c) ×2
             logs.update(target_logs, mask_ratio=float(gate.float().mean()))
         # 5. the student, one forward on [x; u_s]
         with run.autocast():

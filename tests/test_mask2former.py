@@ -1,6 +1,7 @@
 """Mask2Former: shapes, the set loss against transformers' Mask2FormerLoss, parameter count of the L head, and the
 Mask2Former path of train.py (teacher TTA, image gate, synthetic loss weights, weight decay) against the reference code."""
 
+import argparse
 import math
 
 import pytest
@@ -415,7 +416,10 @@ def test_image_gate_covers_the_whole_cutmixed_image():
     mixed = train.cutmix(targets, box)  # image 0 gets image 1's pixels inside the box, and back
     ignore = torch.zeros(2, 8, 8, dtype=torch.bool)
     ignore[0, 0] = True  # a padding row
-    label_u = train.mask2former_labels(mixed, ignore, torch.tensor([0.99, 0.5]), 0.95)
+    gate = (mixed.amax(1) >= 0.95) & ~ignore
+    args = argparse.Namespace(method="sense", conf_thresh=0.95)
+    label_u, trained = train.synthetic_labels(mixed, gate, torch.tensor([0.99, 0.5]), args)
+    assert (trained == (label_u != 255)).all()
     assert (label_u[0][box[0]] == 2).all()  # the box pasted from the unsure image 1 is kept: image 0 is sure
     assert (label_u[0][~box[0] & ~ignore[0]] == 1).all() and (label_u[0, 0] == 255).all()
     assert (label_u[1] == 255).all()  # image 1 is dropped whole, its box from the sure image 0 included

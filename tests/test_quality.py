@@ -399,3 +399,19 @@ def test_label_report_of_several_splits_is_mean_and_std_per_class():
     assert table.splitlines()[0] == "| IoU of the labels vs the true layouts | dense (2) | sparse |"
     assert "| sky | 90.0 ± 14.1 | 100.0 |" in table and "| grass | 91.7 ± 11.8 | 100.0 |" in table
     assert "| pixels labelled (%) | 75.0 ± 35.4 | 100.0 |" in table
+
+
+def test_gate_report_applies_the_mask2former_image_gate(tmp_path):
+    torch.manual_seed(0)
+    teacher = model.build_model("mask2former", "toy", 7, pretrained=False).eval()
+    image, truth = tmp_path / "a.png", tmp_path / "a_truth.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    Image.fromarray(np.full((32, 32), 2, np.uint8)).save(truth)
+    x = quality.teacher_input(teacher, torch.from_numpy(np.array(Image.open(image))).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        query_conf = float(teacher(x)["pred_logits"].softmax(-1).amax(-1).mean())  # the image's mean query confidence
+    sure = quality.gate_report(teacher, [(image, truth)], "toy", 0.0)  # every image and pixel passes
+    assert sure["images"][0] == sure["kept"][0] == 1 and sure["gated"][2] == sure["pixels"][2] == 32 * 32
+    unsure = quality.gate_report(teacher, [(image, truth)], "toy", query_conf + 1e-4)  # the image just fails
+    assert unsure["kept"][0] == 0 and unsure["gated"].sum() == 0
+    assert "image gate: 0.0 % of the 1 images kept" in quality.format_gate_report(unsure, data.TOY_CLASSES)

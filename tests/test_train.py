@@ -532,6 +532,38 @@ def test_mask2former_scores_that_sum_to_one_go_through_ot():
         ot.ot_pseudo_labels(scores, valid)
 
 
+def test_mask2former_ot_gate_reads_the_plan_by_default_and_the_teacher_scores_when_asked():
+    assert train.resolve_presets(train.parse_args(["--arch", "mask2former"])).ot_gate == "plan"  # reference code
+    assert train.resolve_presets(train.parse_args([])).ot_gate == "teacher"  # the paper's text, DPT
+    torch.manual_seed(0)
+    scores = (torch.randn(2, K, 8, 8) * 4).softmax(1) * 0.99  # a Mask2Former teacher's scores, in [0, 1)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[1, :2] = False
+    gates = {}
+    for on in ("plan", "teacher"):
+        args = train.resolve_presets(train.parse_args(["--arch", "mask2former", "--ot-gate", on]))
+        targets, gates[on], _ = train.pseudo_targets(scores, valid, args, "uniform")
+        confidence = targets if on == "plan" else scores  # the teacher's confidence is its score, not a softmax of it
+        assert torch.equal(gates[on], (confidence.amax(1) >= 0.95) & valid), on
+        label, trained = train.synthetic_labels(targets, gates[on], torch.ones(2), args)
+        assert torch.equal(trained, gates[on]) and (label[~trained] == 255).all()
+    assert not torch.equal(gates["plan"], gates["teacher"])  # the flag acts
+    assert gates["teacher"].any()
+
+
+def test_truth_control_runs_for_mask2former_and_ignores_its_image_gate():
+    args = train.resolve_presets(train.parse_args(["--arch", "mask2former", "--method", "truth"]))
+    truth = torch.randint(K, (2, 8, 8))
+    truth[0, 0] = 255
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    targets, gate, _ = train.pseudo_targets(torch.rand(2, K, 8, 8) * 0.5, valid, args, "uniform", truth)
+    label, trained = train.synthetic_labels(targets, gate, torch.zeros(2), args)  # an unsure teacher: kept anyway
+    assert torch.equal(label, truth) and torch.equal(trained, truth != 255)
+    args.method = "truth_gated"
+    _, gate, _ = train.pseudo_targets(torch.rand(2, K, 8, 8) * 0.5, valid, args, "uniform", truth)
+    assert not train.synthetic_labels(targets, gate | True, torch.zeros(2), args)[1].any()  # image gate applies
+
+
 def test_plan_gate_gates_on_the_ot_rows_not_on_the_teacher():
     torch.manual_seed(0)
     logits = torch.randn(2, K, 8, 8) * 6
@@ -591,9 +623,8 @@ def test_truth_controls_train_the_true_layouts_on_every_pixel_or_on_the_teachers
     assert (targets.argmax(1)[gate] != logits.argmax(1)[gate]).any()
 
 
-@pytest.mark.parametrize("extra", [["--dataset", "cityscapes"], ["--arch", "mask2former"]])
-def test_truth_controls_need_the_toy_world_and_dpt(extra):
-    args = train.parse_args(["--method", "truth", *extra])
+def test_truth_controls_need_the_toy_world():
+    args = train.parse_args(["--method", "truth", "--dataset", "cityscapes"])
     given = train.given_flags(args)
     with pytest.raises(ValueError, match="--method truth: a control of the toy world"):
         train.check_flags(train.resolve_presets(args), given)
