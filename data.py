@@ -146,6 +146,17 @@ TOY_CLASSES = ("sky", "grass", "road", "ball", "crate", "cone", "sign")  # 3 stu
 TOY_PALETTE = ((70, 130, 180), (107, 142, 35), (128, 64, 128), (220, 20, 60), (160, 110, 50), (250, 170, 30),
                (0, 0, 142))
 TOY_NUM_STUFF = 3
+# The long-tailed toy world (`python data.py toy --long-tail`, --dataset toy_lt): 12 classes whose pixel shares fall
+# off as Cityscapes' do (a few classes cover most pixels, the rarest things well under 1 %), for the OT ablation: OT
+# owes every class the problem holds a share of the marginal, which matters only where classes are unequal.
+TOY_LT_CLASSES = ("sky", "grass", "road", "sidewalk", "crate", "ball", "cone", "sign", "barrel", "pole", "tyre",
+                  "lamp")  # 4 stuff classes, then 8 thing classes from the most to the least frequent
+TOY_LT_PALETTE = ((70, 130, 180), (107, 142, 35), (128, 64, 128), (244, 35, 232), (160, 110, 50), (220, 20, 60),
+                  (250, 170, 30), (0, 0, 142), (0, 80, 100), (153, 153, 153), (119, 11, 32), (220, 220, 0))
+TOY_LT_NUM_STUFF = 4
+# the chance that a drawn thing is of each thing class: crates ~14× as common as lamps (Cityscapes' car : motorcycle
+# pixel ratio is ~70, its person : rider ~9); with ~4.5 things per labelled image the 20 labelled images hold ~4 lamps
+TOY_LT_THING_P = (0.34, 0.2, 0.14, 0.1, 0.08, 0.06, 0.05, 0.03)
 
 
 def _bit_palette(num_colours: int) -> tuple[tuple[int, int, int], ...]:
@@ -187,6 +198,7 @@ class DatasetSpec:
 
 DATASETS = {
     "toy": DatasetSpec("toy", TOY_CLASSES, TOY_PALETTE, len(TOY_CLASSES)),
+    "toy_lt": DatasetSpec("toy_lt", TOY_LT_CLASSES, TOY_LT_PALETTE, len(TOY_LT_CLASSES)),
     "cityscapes": DatasetSpec("cityscapes", CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, len(CITYSCAPES_CLASSES)),
     "ade20k": DatasetSpec("ade20k", ADE20K_CLASSES, ADE20K_PALETTE, len(ADE20K_CLASSES), reduce_zero_label=True),
     # classes.json carries no COCO palette: the VOC bit map gives distinct colours and black background.
@@ -199,6 +211,7 @@ LAYOUTS = {  # what a root must look like, for error messages
     "ade20k": "ADEChallengeData2016/images/{training,validation}/*.jpg and .../annotations/{training,validation}/*.png",
     "coco": "{train,val}2017/*.jpg and masks/<id>.png (python data.py prepare-coco --root ROOT)",
     "toy": "toy.json, images/, labels/ and split files (python data.py toy --root ROOT)",
+    "toy_lt": "toy.json, images/, labels/ and split files (python data.py toy --long-tail --root ROOT)",
 }
 ADE20K_FOLDERS = {"train": "training", "val": "validation"}
 
@@ -218,7 +231,8 @@ def thing_classes(dataset: str) -> tuple[str, ...]:
     """The countable-object classes of a dataset (reported apart from stuff): toy ball ... sign, Cityscapes person
     ... bicycle, COCO's 80; ADE20K mixes both without an official split, so none."""
     classes = get_spec(dataset).classes
-    return {"toy": classes[TOY_NUM_STUFF:], "cityscapes": classes[11:], "coco": classes[1:]}.get(dataset, ())
+    return {"toy": classes[TOY_NUM_STUFF:], "toy_lt": classes[TOY_LT_NUM_STUFF:], "cityscapes": classes[11:],
+            "coco": classes[1:]}.get(dataset, ())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,9 +567,13 @@ def prepare_root(dataset: str, root: str | Path) -> Path:
         label (`python data.py check` lists them all).
     """
     spec, root = get_spec(dataset), Path(root)
-    if spec.name == "toy":
-        if not toy_world_exists(root):
-            make_toy_world(root)
+    if spec.name in TOY_WORLDS:
+        if not toy_world_exists(root, spec.name):
+            if (root / "toy.json").is_file() and json.loads((root / "toy.json").read_text()).get(
+                    "world", "toy") != spec.name:
+                raise DataError(f"{root}: holds another toy world than --dataset {dataset}; give --data-root a "
+                                f"folder of its own")
+            make_toy_world(root, world=spec.name)
         return root
     _check_layout(spec, root)
     # only missing split files are written: one already there (a labelled subset, a custom list) is the user's
@@ -678,6 +696,19 @@ TOY_SPLITS = {
     "synthetic_sparse_fine": ToyKnobs(max(TOY_SCALES) * TOY_LABELLED, (1, 2), 1.0, 1.0, 1.0, True),
     "synthetic_sparse_coarse": ToyKnobs(max(TOY_SCALES) * TOY_LABELLED, (1, 2), 1.0, 0.25, 4.0, True),
 }
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """Which toy world a scene belongs to: its dataset name, classes and how often each thing class is drawn."""
+    dataset: str  # registry name (DATASETS) and train.py's --dataset
+    classes: tuple[str, ...]
+    num_stuff: int  # classes[:num_stuff] are stuff, the rest things
+    thing_p: tuple[float, ...] | None  # chance of each thing class per drawn thing; None = all alike
+
+
+TOY_WORLDS = {"toy": ToyWorld("toy", TOY_CLASSES, TOY_NUM_STUFF, None),
+              "toy_lt": ToyWorld("toy_lt", TOY_LT_CLASSES, TOY_LT_NUM_STUFF, TOY_LT_THING_P)}
 # The synthetic look: warmer, brighter in the mid-tones and cleaner than real images, a small domain gap (half the
 # first world's: (1.06, 1, 0.9), γ 0.9 and σ 1.5 made the supervised teacher call 18 % of synthetic road pixels ball)
 TOY_SHIFT_GAIN = (1.03, 1.0, 0.95)
@@ -715,14 +746,16 @@ def _any_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array([255 * value * (1 - saturation * np.clip(min(k, 4 - k), 0, 1)) for k in channels], np.float32)
 
 
-def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detail: float,
+def _thing(rng: np.random.Generator, name: str, ground: float, size: float, detail: float,
            fine_noise: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
     """One thing standing on the ground line y = `ground`: its window, signed distance and colour there.
 
     Each class has its own shape and a bold texture no other class has, in a colour drawn anew for every
     instance: ball = disc with light polka dots, shading and a highlight, crate = box of horizontal planks with
     dark gaps and a dark frame, cone = broad triangle with white stripes fanning out from its apex and a white
-    base band, sign = diamond with a light checker. Every pixel of a thing shows its class's texture, which hue
+    base band, sign = diamond with a light checker; in the long-tailed world also barrel = upright rounded box of
+    vertical staves, pole = tall thin bar with white stripes winding up it, tyre = ring with radial treads, lamp =
+    disc of light concentric rings floating high. Every pixel of a thing shows its class's texture, which hue
     jitter and grayscale leave intact (blur and the coarse splits weaken it). (In the first toy world balls had six
     light and coloured segments and cones horizontal bands like a crate's planks: a supervised teacher was then
     never sure of a cone and often wrong on balls.)
@@ -731,7 +764,6 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     full = fine_noise.shape[0]
     # the centre may lie a little past either side, so some things are cut by the frame, as in photos
     cx = rng.uniform(-0.05, 1.05) * full
-    name = TOY_CLASSES[cls]
     # half extents and centre per class; all but the sign stand with their lowest point on the ground line
     if name == "ball":
         radius = 0.65 * size
@@ -743,9 +775,21 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
     elif name == "cone":
         half_w, half_h = 0.65 * size, 0.8 * size
         cy = ground - half_h
-    else:
+    elif name == "sign":
         half_w = half_h = 0.6 * size
         cy = ground - 1.6 * size  # the sign floats above the ground on an unseen pole
+    elif name == "barrel":
+        half_w, half_h = 0.42 * size, 0.6 * size
+        cy = ground - half_h
+    elif name == "pole":
+        half_w, half_h = 0.12 * size, 1.1 * size
+        cy = ground - half_h
+    elif name == "tyre":
+        half_w = half_h = 0.55 * size
+        cy = ground - half_h
+    else:
+        half_w = half_h = 0.45 * size
+        cy = ground - 1.8 * size  # the lamp hangs high, its post unseen
     # the window: the bounding box plus a 3-4 px margin for the soft edge ramp (softness ≤ 4 px), clipped to the
     # image; the shape is evaluated there only, not over the whole image
     x0, x1 = max(int(cx - half_w) - 3, 0), min(int(cx + half_w) + 4, full)
@@ -784,13 +828,43 @@ def _thing(rng: np.random.Generator, cls: int, ground: float, size: float, detai
         base = _any_colour(rng)
         white = np.array([240, 240, 235], np.float32)
         colour = base + (white - base) * (detail * band)[..., None] + 6 * noise
-    else:
-        # sign: a diamond (the L1 ball, / √2 to be Euclidean across its edges) with a 5 px checker
+    elif name == "sign":
+        # a diamond (the L1 ball, / √2 to be Euclidean across its edges) with a 5 px checker
         distance = (np.abs(dx) + np.abs(dy) - half_w) / math.sqrt(2)
         checker = ((np.floor((x - cx) / 5) + np.floor((y - cy) / 5)) % 2)[..., None]
         base = _any_colour(rng)
         white = np.array([235, 235, 235], np.float32)
         colour = base + (white - base) * 0.85 * detail * checker + 6 * noise
+    elif name == "barrel":
+        # a box with rounded corners (radius r) of vertical staves 4 px wide with dark seams
+        r = 0.35 * half_w
+        qx, qy = np.abs(dx) - (half_w - r), np.abs(dy) - (half_h - r)
+        distance = np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0) - r
+        staves = 1 - 0.5 * detail * (np.floor((x - cx) / 4) % 2)
+        base = _any_colour(rng)
+        colour = (base + 8 * noise) * staves[..., None]
+    elif name == "pole":
+        # a thin upright bar with white stripes slanting up to the right, 6 px apart
+        distance = np.maximum(np.abs(dx) - half_w, np.abs(dy) - half_h)
+        stripes = ((((x - cx) + (y - cy)) / 6) % 1 > 0.5)[..., None]
+        base = _any_colour(rng)
+        white = np.array([240, 240, 240], np.float32)
+        colour = base + (white - base) * 0.85 * detail * stripes + 6 * noise
+    elif name == "tyre":
+        # a ring (outer radius half_w, inner 0.45 of it), dark, with 16 lighter treads around it
+        radius = np.hypot(dx, dy)
+        distance = np.maximum(radius - half_w, 0.45 * half_w - radius)
+        treads = (np.arctan2(dy, dx) * 8 / np.pi) % 1 > 0.5
+        base = 0.45 * _any_colour(rng)
+        colour = (base + 8 * noise) * (1 + 0.9 * detail * treads)[..., None]
+    else:
+        # lamp: a disc of light concentric rings 4 px apart
+        radius = np.hypot(dx, dy)
+        distance = radius - half_w
+        rings = ((radius / 4) % 1 > 0.5)[..., None]
+        base = _any_colour(rng)
+        white = np.array([250, 250, 230], np.float32)
+        colour = base + (white - base) * 0.85 * detail * rings + 6 * noise
     return (slice(y0, y1), slice(x0, x1)), distance, colour
 
 
@@ -802,13 +876,16 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
-def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one toy scene: sky over grass with a road to the horizon, then things from far to near.
+def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_SIZE,
+                     world: ToyWorld = TOY_WORLDS["toy"]) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one toy scene: sky over grass with a road to the horizon (and sidewalks along it in the long-tailed
+    world), then things from far to near.
 
     Args:
         rng: numpy generator (one per image, so every image is reproducible on its own).
         knobs: the split's density / fidelity / appearance settings.
         size: image side.
+        world: which world's classes (TOY_WORLDS); the balanced world draws exactly what it always drew.
     Returns:
         image (size, size, 3) uint8 RGB, label (size, size) uint8 train ids (the true layout, hard edges).
     """
@@ -824,7 +901,8 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
     depth = np.clip((y - horizon) / (size - horizon), 0, 1)  # (S, S) 0 at the horizon, 1 at the bottom
 
     # 1. stuff: grass everywhere, a road receding to the horizon, sky above
-    label = np.full((size, size), TOY_CLASSES.index("grass"), np.uint8)
+    classes = world.classes
+    label = np.full((size, size), classes.index("grass"), np.uint8)
     grass = (_colour(rng, (75, 135, 50), 8)
              + (22 * knobs.detail * fine + 10 * mid + 12 * low)[..., None] * np.array([0.7, 1.0, 0.5], np.float32))
     image = grass  # (S, S, 3) float
@@ -836,13 +914,19 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
         road_distance = np.maximum(road_distance, horizon - y)  # nothing of the road above the horizon
         road = (_colour(rng, (110, 108, 112), 6)
                 + (12 * knobs.detail * fine + 6 * low)[..., None])
+        if "sidewalk" in classes:  # a paved band along each side, 0-12 % of the side wide, widening to the bottom
+            walk_distance = np.maximum(road_distance - 0.5 - depth * size * rng.uniform(0.04, 0.12), horizon - y)
+            tiles = 1 - 0.25 * knobs.detail * ((np.floor(x / 6) + np.floor(y / 4)) % 2)  # (S, S) paving
+            walk = (_colour(rng, (185, 165, 160), 8) + (10 * knobs.detail * fine + 5 * low)[..., None]) * tiles[..., None]
+            image = image + (walk - image) * _coverage(walk_distance, knobs.softness)[..., None]
+            label[walk_distance < 0] = classes.index("sidewalk")
         image = image + (road - image) * _coverage(road_distance, knobs.softness)[..., None]
-        label[road_distance < 0] = TOY_CLASSES.index("road")
+        label[road_distance < 0] = classes.index("road")
     sky = (_colour(rng, (95, 145, 215), 8)
            + (35 * np.clip(y / horizon, 0, 1) + 5 * low)[..., None])  # lighter towards the horizon
     sky_distance = y - horizon
     image = image + (sky - image) * _coverage(sky_distance, knobs.softness)[..., None]
-    label[sky_distance < 0] = TOY_CLASSES.index("sky")
+    label[sky_distance < 0] = classes.index("sky")
 
     # 2. things, far (near the horizon) to near (bottom) so nearer things occlude farther ones
     count = int(rng.integers(knobs.objects[0], knobs.objects[1] + 1))
@@ -850,10 +934,13 @@ def render_toy_scene(rng: np.random.Generator, knobs: ToyKnobs, size: int = TOY_
     # nearness from 12 % to 36 % of the side (perspective), times the split's scale
     grounds = np.sort(rng.uniform(horizon_level + 0.05 * size, 1.1 * size, count))
     for ground in grounds:
-        cls = int(rng.integers(TOY_NUM_STUFF, len(TOY_CLASSES)))
+        if world.thing_p is None:
+            cls = int(rng.integers(world.num_stuff, len(classes)))
+        else:
+            cls = world.num_stuff + int(rng.choice(len(world.thing_p), p=world.thing_p))
         near = np.clip((ground - horizon_level) / (size - horizon_level), 0, 1)
         thing_size = knobs.scale * size * (TOY_THING_SIZE[0] + TOY_THING_SIZE[1] * near) * rng.uniform(0.85, 1.15)
-        drawn = _thing(rng, cls, ground, thing_size, knobs.detail, fine, (y, x))
+        drawn = _thing(rng, classes[cls], ground, thing_size, knobs.detail, fine, (y, x))
         if drawn is None:
             continue
         window, distance, colour = drawn
@@ -882,15 +969,17 @@ def _toy_files(split: str, index: int) -> tuple[str, str | None, str | None]:
     return f"images/{split}/{name}.jpg", f"labels/{split}/{name}.png", None
 
 
-def toy_world_exists(root: str | Path) -> bool:
-    """True when root holds a complete toy world of the current generator version."""
+def toy_world_exists(root: str | Path, world: str = "toy") -> bool:
+    """True when root holds a complete toy world of the current generator version, of the given world."""
     try:
-        return json.loads((Path(root) / "toy.json").read_text()).get("version") == TOY_VERSION
+        meta = json.loads((Path(root) / "toy.json").read_text())
     except (OSError, ValueError):
         return False
+    return meta.get("version") == TOY_VERSION and meta.get("world", "toy") == world
 
 
-def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, int] | None = None) -> Path:
+def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, int] | None = None,
+                   world: str = "toy") -> Path:
     """Write the toy world: images, label PNGs, true layouts of the synthetic images and split files.
 
     Deterministic from `seed`: image i of split s comes from numpy's generator seeded with (seed, s, i).
@@ -900,10 +989,11 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
         root: output folder (created).
         seed: world seed.
         counts: images per split where not the TOY_SPLITS count (small worlds for tests).
+        world: "toy" (7 classes, things alike) or "toy_lt" (12 classes, long-tailed), TOY_WORLDS.
     Returns:
         root as a Path.
     """
-    root = Path(root)
+    root, world = Path(root), TOY_WORLDS[world]
     counts = {split: (counts or {}).get(split, knobs.count) for split, knobs in TOY_SPLITS.items()}
     splits = {}
     progress = tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", leave=False)
@@ -912,7 +1002,7 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
         for index in range(counts[split]):
             # one generator per image: image i is the same whatever the counts, so a small test world holds
             # the first images of the full one
-            image, label = render_toy_scene(np.random.default_rng([seed, split_index, index]), knobs)
+            image, label = render_toy_scene(np.random.default_rng([seed, split_index, index]), knobs, world=world)
             image_file, label_file, truth_file = _toy_files(split, index)
             _atomic_write(root / image_file, lambda temporary, image=image: Image.fromarray(image).save(
                 temporary, format="JPEG", quality=TOY_JPEG_QUALITY, subsampling=0))
@@ -926,7 +1016,8 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
     splits.update(toy_synthetic_splits(splits))
     for split, lines in splits.items():
         _atomic_write(root / f"{split}.txt", lambda temporary, lines=lines: temporary.write_text("\n".join(lines) + "\n"))
-    meta = {"version": TOY_VERSION, "seed": seed, "size": TOY_SIZE, "classes": list(TOY_CLASSES),
+    meta = {"version": TOY_VERSION, "world": world.dataset, "seed": seed, "size": TOY_SIZE,
+            "classes": list(world.classes),
             "splits": {split: dict(vars(knobs), count=counts[split]) for split, knobs in TOY_SPLITS.items()}}
     _atomic_write(root / "toy.json", lambda temporary: temporary.write_text(json.dumps(meta, indent=1) + "\n"))
     return root
@@ -964,7 +1055,7 @@ def truth_path(image: str | Path) -> Path | None:
     return None
 
 
-def toy_preview(root: str | Path, out: str | Path, *, per_split: int = 4) -> Path:
+def toy_preview(root: str | Path, out: str | Path, *, per_split: int = 4, dataset: str = "toy") -> Path:
     """Save a grid of toy samples: one row per split (real train, synthetic dense/sparse × fine/coarse), each
     sample as image | coloured label (the stored true layout for synthetic images).
 
@@ -972,18 +1063,19 @@ def toy_preview(root: str | Path, out: str | Path, *, per_split: int = 4) -> Pat
         root: toy world folder (generated when absent).
         out: PNG to write.
         per_split: samples per row.
+        dataset: "toy" or "toy_lt".
     Returns:
         out as a Path.
     """
-    root = prepare_root("toy", root)
+    root = prepare_root(dataset, root)
     rows = ["train", "synthetic_dense_fine", "synthetic_dense_coarse", "synthetic_sparse_fine",
             "synthetic_sparse_coarse"]
     tiles = []
     for split in rows:
         row = []
-        for image_file, label_file in read_split(split_path("toy", root, split))[:per_split]:
-            label = load_label("toy", label_file or truth_path(image_file))
-            row += [load_image(image_file), colorize(label, TOY_PALETTE)]
+        for image_file, label_file in read_split(split_path(dataset, root, split))[:per_split]:
+            label = load_label(dataset, label_file or truth_path(image_file))
+            row += [load_image(image_file), colorize(label, get_spec(dataset).palette)]
         tiles.append(np.concatenate(row, axis=1))  # (S, 2·per_split·S, 3)
     grid = Image.fromarray(np.concatenate(tiles, axis=0))
     draw = ImageDraw.Draw(grid)
@@ -1508,14 +1600,14 @@ def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
     # 1. the sample list: a problem here (no root, no split file) ends the scan, as there is nothing to decode
     try:
         spec, root = get_spec(dataset), Path(root)
-        if spec.name == "toy":
+        if spec.name in TOY_WORLDS:
             prepare_root(dataset, root)
         else:
             _check_layout(spec, root)
         path = split_path(dataset, root, split)
         # a real root's train/val without a split file yet: listed from the layout (as prepare_root does)
-        listed = None if spec.name == "toy" else _layout_split(spec, root, split)
-        if listed is None and not path.is_file() and split in LAYOUT_SPLITS and spec.name != "toy":
+        listed = None if spec.name in TOY_WORLDS else _layout_split(spec, root, split)
+        if listed is None and not path.is_file() and split in LAYOUT_SPLITS and spec.name not in TOY_WORLDS:
             raise DataError(f"{path}: split file not found, and no {_image_dir(spec.name, root, split)} to make it from")
         samples, problems = _parse_split(path) if listed is None else listed
     except DataError as error:
@@ -1651,7 +1743,9 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     # toy: write the toy world, optionally with a picture of it
     toy = commands.add_parser("toy", help="generate the toy world (and optionally a preview picture)")
-    toy.add_argument("--root", default="data/toy", help="output folder (default: data/toy)")
+    toy.add_argument("--root", default=None, help="output folder (default: data/toy, data/toy_lt with --long-tail)")
+    toy.add_argument("--long-tail", action="store_true",
+                     help="the long-tailed world: 12 classes with Cityscapes-like pixel shares (--dataset toy_lt)")
     toy.add_argument("--seed", type=int, default=TOY_SEED, help=f"world seed (default: {TOY_SEED})")
     toy.add_argument("--force", action="store_true", help="regenerate even if a toy world is there")
     toy.add_argument("--preview", help="save a grid of real / synthetic samples with coloured labels to this PNG")
@@ -1671,13 +1765,15 @@ def main() -> None:
     # a DataError already names the file or flag at fault: print that line and exit 1, without a traceback
     try:
         if args.command == "toy":
-            if args.force or not toy_world_exists(args.root):
-                make_toy_world(args.root, seed=args.seed)
-                print(f"toy world written to {args.root}")
+            world = "toy_lt" if args.long_tail else "toy"
+            root = args.root or f"data/{world}"
+            if args.force or not toy_world_exists(root, world):
+                make_toy_world(root, seed=args.seed, world=world)
+                print(f"{world} world written to {root}")
             else:
-                print(f"toy world already at {args.root} (--force regenerates it)")
+                print(f"{world} world already at {root} (--force regenerates it)")
             if args.preview:
-                print(f"preview: {toy_preview(args.root, args.preview)}")
+                print(f"preview: {toy_preview(root, args.preview, dataset=world)}")
         # check: every split is scanned in full before the exit status is decided, so one run lists all problems
         elif args.command == "check":
             root = args.root or f"data/{args.dataset}"

@@ -52,6 +52,7 @@ from ot import ot_pseudo_labels, soft_cross_entropy
 DATASET_PRESETS = {
     #              crop (dpt, m2f), epochs, batch per stream, OHEM, teacher TTA
     "toy": dict(crop={"dpt": 64, "mask2former": 64}, epochs=None, batch_size=8, ohem=False, tta="flip"),
+    "toy_lt": dict(crop={"dpt": 64, "mask2former": 64}, epochs=None, batch_size=8, ohem=False, tta="flip"),
     "cityscapes": dict(crop={"dpt": 798, "mask2former": 768}, epochs=180, batch_size=8, ohem=True, tta="flip"),
     "ade20k": dict(crop={"dpt": 518, "mask2former": 640}, epochs=60, batch_size=8, ohem=False, tta="scales"),
     "coco": dict(crop={"dpt": 518, "mask2former": 640}, epochs=20, batch_size=16, ohem=False, tta="scales"),
@@ -212,7 +213,7 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
             raise ValueError(f"{flag} {value}: must be at least {1 if key in AT_LEAST_1 else 0}")
         if (key in IN_0_1 and not 0 <= value <= 1) or (key == "ot_beta" and not value > 0):
             raise ValueError(f"{flag} {value}: must be {'in [0, 1]' if key in IN_0_1 else 'positive'}")
-    if args.method in TRUTH_METHODS and args.dataset != "toy":
+    if args.method in TRUTH_METHODS and args.dataset not in data.TOY_WORLDS:
         raise ValueError(f"--method {args.method}: a control of the toy world (only the toy world stores the true "
                          f"layouts of its synthetic images), got --dataset {args.dataset}")
     unused = {}  # flag -> why it does nothing here
@@ -250,7 +251,7 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
     TTA, OHEM). The resolved values are printed and saved in args.json, so a run folder says what it ran.
     """
     ds, arch = DATASET_PRESETS[args.dataset], ARCH_PRESETS[args.arch]
-    toy = args.dataset == "toy"
+    toy = args.dataset in data.TOY_WORLDS
     args.data_root = args.data_root or f"data/{args.dataset}"
     args.synthetic = args.synthetic or str(Path(args.data_root) / "synthetic.txt")
     args.backbone = args.backbone or ("toy" if toy else arch["backbone"])
@@ -706,7 +707,7 @@ def prepare(args: argparse.Namespace) -> Run:
     flag_warnings = check_flags(args, given)
     # weights next: a real-dataset run whose official file is missing stops here, before any work (random init
     # only on purpose, --pretrained none); the toy world may make the toy backbone's file when the model is built
-    models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset != "toy")
+    models.resolve_pretrained(args.backbone, args.pretrained, required=args.dataset not in data.TOY_WORLDS)
     spec = data.get_spec(args.dataset)
     K = args.num_classes = spec.num_classes  # stored in checkpoints: eval.py and quality.py rebuild from it
 
@@ -741,7 +742,7 @@ def prepare(args: argparse.Namespace) -> Run:
         raise data.DataError(f"--synthetic {args.synthetic}: not found (a folder, split file or manifest.jsonl; "
                              f"make one with generate.py, or use --method supervised)")
     syn_set = data.SyntheticDataset(args.synthetic, crop_size=args.crop_size, patch_size=patch,
-                                    with_truth=args.dataset == "toy") if use_synthetic else None
+                                    with_truth=args.dataset in data.TOY_WORLDS) if use_synthetic else None
     resume = Path(args.out) / "last.pt" if args.resume == "auto" else (Path(args.resume) if args.resume else None)
     if resume is not None and args.resume != "auto" and not resume.is_file():
         raise ValueError(f"--resume {resume}: checkpoint not found")
@@ -766,7 +767,7 @@ def prepare(args: argparse.Namespace) -> Run:
     total = args.iters or args.epochs * steps_per_epoch
     # Real datasets: the EMA teacher is evaluated after every epoch and the best kept (best.pt), as the reference
     # code reports its numbers; the toy preset evaluates 6 times a run (TOY_SCHEDULE) to stay at minutes.
-    args.eval_every = args.eval_every or (steps_per_epoch if args.dataset != "toy" else max(1, total // 4))
+    args.eval_every = args.eval_every or (steps_per_epoch if args.dataset not in data.TOY_WORLDS else max(1, total // 4))
     args.save_every = args.save_every or args.eval_every
     args.panel_every = args.eval_every if args.panel_every is None else args.panel_every
     out = Path(args.out)

@@ -50,7 +50,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 def test_registry_sizes_and_coco_ids():
     assert {name: spec.num_classes for name, spec in data.DATASETS.items()} == {
-        "toy": 7, "cityscapes": 19, "ade20k": 150, "coco": 81}
+        "toy": 7, "toy_lt": 12, "cityscapes": 19, "ade20k": 150, "coco": 81}
     for spec in data.DATASETS.values():
         assert len(spec.classes) == len(spec.palette) == spec.num_classes
         # every class has its own colour, except one pair in the ecosystem's ADE20K palette
@@ -394,7 +394,7 @@ def test_pretraining_world_has_its_own_classes_in_any_colour():
     scenes = [data.render_pretrain_scene(np.random.default_rng([3, i]), 48) for i in range(40)]
     labels = np.stack([label for _, label in scenes])
     assert set(np.unique(labels)) == set(range(len(data.PRETRAIN_CLASSES)))  # every class appears
-    assert not set(data.PRETRAIN_CLASSES) & set(data.TOY_CLASSES)
+    assert not set(data.PRETRAIN_CLASSES) & (set(data.TOY_CLASSES) | set(data.TOY_LT_CLASSES))
     again = data.render_pretrain_scene(np.random.default_rng([3, 0]), 48)
     assert np.array_equal(again[0], scenes[0][0]) and np.array_equal(again[1], scenes[0][1])
 
@@ -572,3 +572,30 @@ def test_synthetic_set_with_a_missing_listed_image_fails_at_start(tmp_path):
     (tmp_path / "syn.txt").write_text("gen/1.png\ngen/2.png\ngen/3.png\n")
     with pytest.raises(data.DataError, match=f"{tmp_path / 'gen/2.png'}: missing \\(2 of the 3 images of"):
         data.SyntheticDataset(tmp_path / "syn.txt", crop_size=8, patch_size=8)
+
+
+def test_long_tailed_world_has_its_classes_and_a_long_tail(tmp_path):
+    counts = {"train": 2, "val": 80, **{split: 1 for split in data.TOY_SPLITS if data.TOY_SPLITS[split].synthetic}}
+    root = data.make_toy_world(tmp_path / "lt", counts=counts, world="toy_lt")
+    assert data.toy_world_exists(root, "toy_lt") and not data.toy_world_exists(root, "toy")
+    with pytest.raises(data.DataError, match="another toy world"):
+        data.prepare_root("toy", root)
+    assert data.thing_classes("toy_lt") == data.TOY_LT_CLASSES[4:]
+    pixels = np.zeros(len(data.TOY_LT_CLASSES))
+    for _, label_file in data.read_split(root / "val.txt"):
+        label = data.load_label("toy_lt", label_file)
+        pixels += np.bincount(label.ravel(), minlength=256)[:len(pixels)]
+    share = pixels / pixels.sum()
+    assert (share > 0).all()  # every class is drawn
+    things = share[data.TOY_LT_NUM_STUFF:]
+    assert things[0] > 5 * things[-1] and share.max() > 20 * share.min()  # a long tail: few classes hold most pixels
+    assert share.min() < 0.02
+
+
+def test_balanced_world_is_what_the_default_draws():
+    knobs = data.TOY_SPLITS["synthetic_dense_fine"]
+    image, label = data.render_toy_scene(np.random.default_rng(3), knobs)
+    image_toy, label_toy = data.render_toy_scene(np.random.default_rng(3), knobs, world=data.TOY_WORLDS["toy"])
+    assert np.array_equal(image, image_toy) and np.array_equal(label, label_toy) and label.max() < 7
+    _, label_lt = data.render_toy_scene(np.random.default_rng(3), knobs, world=data.TOY_WORLDS["toy_lt"])
+    assert label_lt.max() < 12
