@@ -840,7 +840,7 @@ class Mask2FormerSize:
     decoder_ffn: int
     points: int = 4  # sampling points per head and level (Deformable DETR)
     # P, points per mask at which the set loss compares masks: Mask2Former's 12544 (112²) is ~2-3 % of a 640-768
-    # crop's pixels; a 64-pixel toy crop has 4096 pixels, and 12544 points cost a third of a toy step
+    # crop's pixels; a 64-pixel toy crop has 4096 pixels, and sampling 12544 points was most of the toy set loss's time
     loss_points: int = 12544
 
 

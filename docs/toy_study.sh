@@ -41,12 +41,30 @@ summarize() {
     $S/ladder/sense_{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] --per-class --out $S/ladder.md
   python eval.py --summarize $S/schedule/{supervised_B_x2,sense_x2}_s[0-9] $S/ladder/sense_x2_{sparse_coarse,dense_fine}_s[0-9] \
     --per-class --out $S/ladder_x2.md
+  # 5. the synthetic-scale study (2x is the default synthetic set: the methods section's sense runs)
+  python eval.py --summarize $S/methods/supervised_B_s[0-9] $S/scale/sense_x{1,2,4,6}_s[0-9] --per-class --out $S/scale.md
+  # 6. Mask2Former, and the γ / image gate of its supervised teachers
+  python eval.py --summarize $S/m2f/{supervised_B,supervised_2B,truth,pseudo,sense}_s[0-9] --per-class \
+    --keys image_ratio mask_ratio things_gated ot_changed acc_trained --out $S/m2f.md
+  teachers=($S/m2f/supervised_B_s[0-9]/last.pt)
+  if [ ${#teachers[@]} -gt 0 ]; then
+    python quality.py gate --teacher "${teachers[@]}" --images data/toy/synthetic.txt --device cpu | tee $S/gate_m2f.md
+  fi
+  # 7. OT on the long-tailed world, and the γ gate of its supervised teachers
+  python eval.py --summarize $S/long_tail/{supervised_B,pseudo,soft,sense,sense_image_uniform}_s[0-9] --per-class \
+    --out $S/long_tail.md
+  teachers=($S/long_tail/supervised_B_s[0-9]/last.pt)
+  if [ ${#teachers[@]} -gt 0 ]; then
+    python quality.py gate --teacher "${teachers[@]}" --images data/toy_lt/synthetic.txt --device cpu \
+      | tee $S/gate_long_tail.md
+  fi
 }
 SECTION=${1:-all}
 case "$SECTION" in
-  all | methods | schedule | protocol | ladder | quick) ;;
+  all | methods | schedule | protocol | ladder | scale | m2f | long_tail | quick) ;;
   summarize) summarize; exit 0 ;;
-  *) echo "toy_study.sh: unknown section '$SECTION' (expected methods, schedule, protocol, ladder, summarize or quick)" >&2
+  *) echo "toy_study.sh: unknown section '$SECTION' (expected methods, schedule, protocol, ladder, scale, m2f, long_tail," \
+       "summarize or quick)" >&2
      exit 2 ;;
 esac
 
@@ -58,6 +76,7 @@ run_all() {  # reads "folder flags..." lines; skips finished runs (--resume auto
 link() { mkdir -p "$(dirname "$2")"; ln -sfn "$(realpath --relative-to="$(dirname "$2")" "$1")" "$2"; }
 
 python data.py toy --root data/toy                  # the toy world (seconds), if not there yet
+python data.py toy --long-tail --root data/toy_lt   # its long-tailed variant (section 7)
 python model.py --backbone toy --num-classes 7      # checks the shipped toy backbone (made only if missing)
 
 if [ "$SECTION" = quick ]; then  # for a class: the baseline, the upper bound and SENSE, one seed, with the curves
@@ -136,6 +155,39 @@ for s in $SEEDS; do
   for rung in sparse_coarse dense_fine; do
     echo "$S/ladder/sense_x2_${rung}_s$s --synthetic $S/ladder/splits/$rung.txt --iters $((2 * STEPS)) --seed $s"
   done
+done | run_all
+fi
+# 5. the synthetic-scale study: SENSE with 1x, 2x (the default, section 1), 4x and 6x as many synthetic images as
+# labelled ones, the first n x 20 dense-fine images; every run takes the same 1800 steps
+if [ "$SECTION" = all ] || [ "$SECTION" = scale ]; then
+for s in $SEEDS; do
+  for m in 1 6 4; do echo "$S/scale/sense_x${m}_s$s --synthetic data/toy/synthetic_x$m.txt --seed $s"; done
+done | run_all
+fi
+
+# 6. Mask2Former (the toy head of models.py, 16 queries): the supervised baselines first (its teachers' γ and image
+# gates are its precondition P2), then the truth control (P1), SENSE and the teacher's hard labels without OT
+if [ "$SECTION" = all ] || [ "$SECTION" = m2f ]; then
+for s in $SEEDS; do echo "$S/m2f/supervised_B_s$s --arch mask2former --method supervised --seed $s"; done | run_all
+for s in $SEEDS; do
+  echo "$S/m2f/sense_s$s --arch mask2former --seed $s"
+  echo "$S/m2f/truth_s$s --arch mask2former --method truth --seed $s"
+  echo "$S/m2f/pseudo_s$s --arch mask2former --method pseudo --seed $s"
+  echo "$S/m2f/supervised_2B_s$s --arch mask2former --method supervised --real-batch 16 --seed $s"
+done | run_all
+fi
+
+# 7. OT where classes are unequal: the long-tailed world (12 classes, data.py toy --long-tail): the supervised
+# baseline (and teacher), SENSE as the reference code runs it (one problem over the batch, the present classes' uniform
+# marginal), SENSE as the paper's text says (one problem per image, uniform over all K), and the teacher's own labels
+# (hard, soft) without OT
+if [ "$SECTION" = all ] || [ "$SECTION" = long_tail ]; then
+for s in $SEEDS; do
+  echo "$S/long_tail/supervised_B_s$s --dataset toy_lt --method supervised --seed $s"
+  echo "$S/long_tail/sense_s$s --dataset toy_lt --seed $s"
+  echo "$S/long_tail/pseudo_s$s --dataset toy_lt --method pseudo --seed $s"
+  echo "$S/long_tail/sense_image_uniform_s$s --dataset toy_lt --ot-scope image --ot-marginal uniform --seed $s"
+  echo "$S/long_tail/soft_s$s --dataset toy_lt --method soft --seed $s"
 done | run_all
 fi
 summarize
