@@ -46,6 +46,7 @@ summarize() {
   # 6. Mask2Former, and the γ / image gate of its supervised teachers
   python eval.py --summarize $S/m2f/{supervised_B,supervised_2B,truth,pseudo,sense}_s[0-9] --per-class \
     --keys image_ratio mask_ratio things_gated ot_changed acc_trained --out $S/m2f.md
+  python eval.py --summarize $S/m2f/{supervised_B_half,supervised_B}_s[0-9] --per-class --out $S/m2f_schedule.md
   teachers=($S/m2f/supervised_B_s[0-9]/last.pt)
   if [ ${#teachers[@]} -gt 0 ]; then
     python quality.py gate --teacher "${teachers[@]}" --images data/toy/synthetic.txt --device cpu | tee $S/gate_m2f.md
@@ -166,9 +167,13 @@ done | run_all
 fi
 
 # 6. Mask2Former (the toy head of models.py, 16 queries): the supervised baselines first (its teachers' γ and image
-# gates are its precondition P2), then the truth control (P1), SENSE and the teacher's hard labels without OT
+# gates are its precondition P2) and the schedule criterion (supervised_B at ½× the steps), then the truth control
+# (P1), SENSE and the teacher's hard labels without OT
 if [ "$SECTION" = all ] || [ "$SECTION" = m2f ]; then
-for s in $SEEDS; do echo "$S/m2f/supervised_B_s$s --arch mask2former --method supervised --seed $s"; done | run_all
+for s in $SEEDS; do
+  echo "$S/m2f/supervised_B_s$s --arch mask2former --method supervised --seed $s"
+  echo "$S/m2f/supervised_B_half_s$s --arch mask2former --method supervised --iters $((STEPS / 2)) --seed $s"
+done | run_all
 for s in $SEEDS; do
   echo "$S/m2f/sense_s$s --arch mask2former --seed $s"
   echo "$S/m2f/truth_s$s --arch mask2former --method truth --seed $s"
