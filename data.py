@@ -606,7 +606,7 @@ def prepare_coco(root: str | Path, *, splits: tuple[str, ...] = ("train", "val")
         except (ValueError, KeyError, TypeError) as error:
             raise DataError(f"{file}: not a COCO instances file ({error})") from None
         # one mask per image, named after the image file so _coco_samples pairs them by stem
-        for image_id in tqdm(sorted(coco.imgs), desc=file.name, leave=False):
+        for image_id in tqdm(sorted(coco.imgs), desc=file.name, leave=False, disable=None):
             info = coco.imgs[image_id]
             out = root / "masks" / f"{Path(info['file_name']).stem}.png"
             if out.is_file() and not overwrite:
@@ -906,7 +906,7 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
     root = Path(root)
     counts = {split: (counts or {}).get(split, knobs.count) for split, knobs in TOY_SPLITS.items()}
     splits = {}
-    progress = tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", leave=False)
+    progress = tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", leave=False, disable=None)
     for split_index, (split, knobs) in enumerate(TOY_SPLITS.items()):
         lines = []
         for index in range(counts[split]):
@@ -1546,7 +1546,7 @@ def _scan(dataset: str, root: str | Path, split: str, *, quick: bool,
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         results = pool.map(lambda sample: _check_sample(spec, *sample, reduce_zero_label), present)
         for found, size, counts in tqdm(results, total=len(present), desc=f"check {split}", leave=False,
-                                        disable=quick):
+                                        disable=True if quick else None):
             problems += found
             stats["decoded"] += 1
             if size is not None:

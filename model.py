@@ -649,7 +649,8 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int | None = None, batch: 
         probe = nn.Linear(vit.embed_dim, len(data.PRETRAIN_CLASSES))
     net = nn.ModuleDict(dict(vit=vit, probe=probe)).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=TOY_PRETRAIN["weight_decay"])
-    bar = tqdm(range(steps), desc=f"pretraining the toy backbone -> {path}", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"pretraining the toy backbone -> {path}", disable=None if progress else True,
+               leave=False)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * (1 - step / steps) ** 0.9
