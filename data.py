@@ -2,7 +2,7 @@
 
 Paper: the method (real labelled images + unlabelled synthetic images trained together; weak view for the EMA
 teacher, strong view + CutMix for the student) and the dual-factor analysis (sparse/dense scenes, coarse/fine fidelity). Recipe and data
-conventions: README "Data".
+conventions: docs/data.md.
 
     python data.py toy --root data/toy --preview toy.png      # CPU, a few seconds: the toy world and a picture
     python data.py check --dataset cityscapes --root data/cityscapes --split val

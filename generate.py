@@ -1,4 +1,4 @@
-"""Synthetic images for SENSE: prompts, then Flux through diffusers (README "Generating synthetic images"). Paper: the dual-factor
+"""Synthetic images for SENSE: prompts, then Flux through diffusers (docs/generate.md). Paper: the dual-factor
 analysis (dense vs sparse composition, here prompts from label statistics) and the 2x synthetic sets of the
 main results (one Flux and one Flux-WLF image per real image, prompted with its caption).
 

@@ -1,7 +1,7 @@
 """SENSE training: real labelled images + synthetic images with OT pseudo-labels from an EMA teacher.
 
 Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segmenters", "loss & training";
-README "Method" (one iteration, step by step) and docs/models.md "Mask2Former" (its branch).
+docs/training.md "One step" (one iteration, stage by stage) and docs/models.md "Mask2Former" (its branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
     python train.py --method supervised                      # real images only (B per step; --real-batch 16: 2B)
@@ -273,7 +273,7 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ====================================================================================================================
-# ALGO LOGIC: the method, in the order of one step (paper: "Method"; README "Method"). The stages are numbered in
+# ALGO LOGIC: the method, in the order of one step (paper: "Method"; docs/training.md "One step"). The stages are numbered in
 # sense_step and main as in the step list of the module docstring.
 # ====================================================================================================================
 
