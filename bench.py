@@ -1,6 +1,6 @@
 """Benchmarks: speed and memory of each part against an independent reference, measured in one run.
 
-    python bench.py ot        # Sinkhorn vs POT and vs the exp-domain form (README "ot.py")
+    python bench.py ot        # Sinkhorn vs POT and vs the exp-domain form (docs/ot.md)
     python bench.py data      # augmentation pipelines vs a plain PIL + torchvision reference
     python bench.py quality   # GLCM / compression ratio vs scikit-image
     python bench.py gpu       # every GPU figure in one table (--device cpu --tiny: the same code on a CPU)
@@ -608,7 +608,7 @@ def gpu_sinkhorn_row(K: int, B: int, N: int, device, sync) -> dict:
 
 
 def bench_gpu(argv: list[str]) -> None:
-    """Every GPU figure in one run (README "Benchmarks"): training-step time and memory of DPT and Mask2Former at the
+    """Every GPU figure in one run (docs/benchmarks.md): training-step time and memory of DPT and Mask2Former at the
     paper's sizes with the shares of teacher, OT and deformable attention; Sinkhorn against the exp-domain form at
     full resolution; whether the device keeps float32 denormals; GLCM throughput. One table, one JSON file.
 

@@ -145,7 +145,8 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
 
 
 def _probabilities(model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class probabilities: softmax of DPT logits; Mask2Former scores are already in [0, 1]."""
+    """Per-pixel class confidences: the softmax of DPT logits; Mask2Former's scores as they are (in [0, Q], not
+    normalised over the classes: model.mask2former_scores)."""
     return scores.softmax(1) if _unwrap(model).arch == "dpt" else scores
 
 
@@ -215,7 +216,7 @@ def evaluate(model: nn.Module, loader, *, num_classes: int, mode: str = "single"
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     show = progress and (not distributed or dist.get_rank() == 0)
-    for images, labels in tqdm(loader, desc=f"eval ({mode})", leave=False, disable=not show):
+    for images, labels in tqdm(loader, desc=f"eval ({mode})", leave=False, disable=None if show else True):
         images, labels = images.to(device), labels.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             scores = infer(model, images, mode=mode, crop_size=crop_size)  # (B, K, H, W)
@@ -258,7 +259,7 @@ def predict_folder(model: nn.Module, folder: Path, out: Path, palette, *, mode: 
         raise ValueError(f"--predict: no images ({', '.join(data.IMAGE_SUFFIXES)}) under {folder}")
     mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
-    for path in tqdm(paths, desc="predict"):
+    for path in tqdm(paths, desc="predict", disable=None):
         rgb = data.load_image(path)  # (H, W, 3) uint8
         image = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255 - mean) / std  # (3, H, W)
         image = image[None].to(device)  # (1, 3, H, W)

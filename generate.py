@@ -1,4 +1,4 @@
-"""Synthetic images for SENSE: prompts, then Flux through diffusers (README "Generating synthetic images"). Paper: the dual-factor
+"""Synthetic images for SENSE: prompts, then Flux through diffusers (docs/generate.md). Paper: the dual-factor
 analysis (dense vs sparse composition, here prompts from label statistics) and the 2x synthetic sets of the
 main results (one Flux and one Flux-WLF image per real image, prompted with its caption).
 
@@ -269,7 +269,7 @@ def label_statistics(dataset: str, root: Path) -> dict:
     frequency = np.zeros(num_classes, np.int64)
     cooccurrence = np.zeros((num_classes, num_classes), np.int64)
     position = np.zeros((num_classes, 3, 3), np.int64)
-    for _, label_path in tqdm(samples, desc="label statistics", leave=False):
+    for _, label_path in tqdm(samples, desc="label statistics", leave=False, disable=None):
         try:
             label = data.load_label(dataset, label_path)  # (H, W) uint8, 255 = ignore
         except data.DataError as err:
@@ -561,7 +561,7 @@ def cmd_images(args: argparse.Namespace) -> None:
         # Counted above once; diffusers would otherwise log every over-long prompt at every call.
         logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
         bar = tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"{args.generator} shard {shard}",
-                   unit="img")
+                   unit="img", disable=None)
         for start in range(0, len(pending), args.batch_size):
             batch = pending[start:start + args.batch_size]
             # One CPU generator per image: its noise depends on its seed only, not on batch or device.

@@ -2,7 +2,7 @@
 
 Paper: SENSE, "unified support for pixel-based and query-based segmenters" (DINOv2 + DPT, Mask2Former);
 DPT head from Ranftl et al., "Vision Transformers for Dense Prediction" (ICCV 2021), Fig. 1;
-README "Models". Everything asks for a backbone by its name in `BACKBONES`; eval.py and quality.py rebuild
+docs/models.md. Everything asks for a backbone by its name in `BACKBONES`; eval.py and quality.py rebuild
 a model from the name stored in a checkpoint.
 
     python model.py                                   # toy ViT + DPT on CPU: parameters, one forward
@@ -649,7 +649,8 @@ def pretrain_toy_backbone(path: str | Path, *, steps: int | None = None, batch: 
         probe = nn.Linear(vit.embed_dim, len(data.PRETRAIN_CLASSES))
     net = nn.ModuleDict(dict(vit=vit, probe=probe)).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=TOY_PRETRAIN["weight_decay"])
-    bar = tqdm(range(steps), desc=f"pretraining the toy backbone -> {path}", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=f"pretraining the toy backbone -> {path}", disable=None if progress else True,
+               leave=False)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr * (1 - step / steps) ** 0.9
@@ -820,7 +821,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"forward {tuple(images.shape)} -> {tuple(scores.shape)} in {time.perf_counter() - start:.2f} s")
 
 
-# ---- Mask2Former (paper: "pixel- and query-based segmenters"; README "Mask2Former") ----
+# ---- Mask2Former (paper: "pixel- and query-based segmenters"; docs/models.md "Mask2Former") ----
 # Legend: B images, C ViT width, D decoder width, h×w patch grid, Q queries, K classes (index K =
 # no-object), L feature levels the transformers attend to, N tokens of all levels, n targets of one
 # image, M matched (query, target) pairs of a batch, P sampled points, H×W image or label size.

@@ -616,7 +616,7 @@ def label_images(teacher: torch.nn.Module, images: list[Path], out: Path, base: 
         [(image, label file)] in the order of `images`.
     """
     samples = []
-    for image in tqdm(images, desc=f"labelling -> {out}", disable=not progress, leave=False):
+    for image in tqdm(images, desc=f"labelling -> {out}", disable=None if progress else True, leave=False):
         target = out / label_name(image, base)
         if not target.is_file():
             data.save_png(teacher_label(teacher, data.load_image(image), tta, conf_thresh), target)
@@ -818,7 +818,7 @@ def score_images(samples: list[tuple[Path, Path | None]], *, teacher: torch.nn.M
     """
     device = device or torch.device("cpu")
     rows = []
-    for image_path, label_path in tqdm(samples, desc="score", unit="img", disable=not progress):
+    for image_path, label_path in tqdm(samples, desc="score", unit="img", disable=None if progress else True):
         image = torch.from_numpy(data.load_image(image_path)).permute(2, 0, 1)[None].to(device)  # (1, 3, H, W)
         # absolute paths, so select/ladder can run from any folder
         row = {"image": str(Path(image_path).resolve()),

@@ -1,7 +1,7 @@
 """SENSE training: real labelled images + synthetic images with OT pseudo-labels from an EMA teacher.
 
 Paper: SENSE (ICML 2026), method: "OT assignment", "pixel- and query-based segmenters", "loss & training";
-README "Method" (one iteration, step by step) and docs/models.md "Mask2Former" (its branch).
+docs/training.md "One step" (one iteration, stage by stage) and docs/models.md "Mask2Former" (its branch).
 
     python train.py                                          # toy world, DPT on the toy ViT, CPU, minutes
     python train.py --method supervised                      # real images only (B per step; --real-batch 16: 2B)
@@ -113,7 +113,7 @@ CHANGED_COLOURS = {"unchanged": (60, 60, 60), "changed, trained on": (255, 40, 4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line, in five groups: data, model, method, optimisation, evaluation/system/output.
+    """The command line, in seven groups: data, model, method, optimisation, evaluation, system, output.
 
     A flag left unset stays None here and takes its value from the dataset and arch presets in resolve_presets, so
     that one set of defaults serves the toy world and the paper's datasets; the defaults written in each help text
@@ -222,24 +222,26 @@ def check_flags(args: argparse.Namespace, given: dict) -> list[str]:
         for key in ("conf_thresh", "tta", "no_cutmix", "m2f_ignore_as_negative", "panel_every", *ot_flags):
             unused[key] = "--method supervised trains on no synthetic image"
         if "iters" in given:
-            unused["synthetic"] = "--method supervised with --iters: it only sets the steps per epoch"
+            unused["synthetic"] = "with --method supervised it only sets the steps of an epoch, and --iters sets them"
     elif args.method != "sense":
         for key in ot_flags:
             unused[key] = f"--method {args.method} uses no OT"
         if args.method == "truth":
-            unused["conf_thresh"] = "--method truth (every valid pixel is trained on)"
+            unused["conf_thresh"] = "--method truth trains on every valid pixel"
     elif args.ot_marginal != "present":
-        unused["ot_min_prob"] = f"--ot-marginal {args.ot_marginal} (it sets which classes are present)"
+        unused["ot_min_prob"] = (f"it sets which classes are present, and --ot-marginal {args.ot_marginal} does "
+                                 f"not read them")
     if args.arch == "dpt":
-        unused["m2f_ignore_as_negative"] = "--arch dpt"
+        unused["m2f_ignore_as_negative"] = "--arch dpt has no mask loss"
     else:
-        unused["ohem"] = "--arch mask2former: L_x is the set loss"
+        unused["ohem"] = "with --arch mask2former L_x is the set loss"
     if args.dataset != "ade20k":
-        unused["ade_reduced"] = f"--dataset {args.dataset}: only ADE20K masks have a zero label to reduce"
-    warnings = [f"--{key.replace('_', '-')} has no effect with {why}" for key, why in unused.items() if key in given]
+        unused["ade_reduced"] = f"only ADE20K masks have a zero label to reduce, and this is --dataset {args.dataset}"
+    # one sentence per flag: "--flag has no effect: <why>."
+    warnings = [f"--{key.replace('_', '-')} has no effect: {why}." for key, why in unused.items() if key in given]
     if args.arch == "mask2former" and args.method == "soft":
         warnings.append("--method soft with --arch mask2former trains as --method pseudo: the query loss takes the "
-                        "hard labels of the teacher's probabilities")
+                        "hard labels of the teacher's scores.")
     return warnings
 
 
@@ -276,7 +278,7 @@ def resolve_presets(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ====================================================================================================================
-# ALGO LOGIC: the method, in the order of one step (paper: "Method"; README "Method"). The stages are numbered in
+# ALGO LOGIC: the method, in the order of one step (paper: "Method"; docs/training.md "One step"). The stages are numbered in
 # sense_step and main as in the step list of the module docstring.
 # ====================================================================================================================
 
@@ -372,10 +374,13 @@ def teacher_predict(teacher: nn.Module, images: torch.Tensor, tta: str, tta_imag
 
 
 def teacher_probabilities(scores: torch.Tensor, arch: str) -> torch.Tensor:
-    """The teacher's per-pixel class probabilities without OT (--method pseudo), (B, K, H, W) -> (B, K, H, W).
+    """The teacher's per-pixel class confidences without OT (--method pseudo / soft and the truth controls' gate),
+    (B, K, H, W) -> (B, K, H, W), compared with γ (δ) as they are.
 
-    DPT: softmax of its logits. Mask2Former: its scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q) are class
-    probabilities already; a softmax over values in [0, 1] would put every pixel far below the gate δ.
+    DPT: the softmax of its logits, probabilities. Mask2Former: its scores Σ_q softmax(class_q)[:K] · sigmoid(mask_q)
+    as they are: each query adds at most 1, so they lie in [0, Q] and need not sum to 1 over the classes (a sure
+    teacher's scores lie near [0, 1]); they are not probabilities, and δ gates them directly. A softmax over them
+    would put every pixel far below δ. (With OT, pseudo_targets gives them to ot.py as logits instead.)
     """
     return scores.softmax(1) if arch == "dpt" else scores
 
@@ -556,12 +561,13 @@ def m2f_points(args: argparse.Namespace) -> int:
 
 
 def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
-    """Stages 1–7 of one training step (paper: "Method"), over --grad-accum micro-batches.
+    """Stages 1–7 of one training step (paper: "Method"), run --grad-accum times: the gradients of the micro-batches
+    add up (each loss divided by --grad-accum) for one optimizer step in main.
 
     Returns:
-        The log values (losses, mask_ratio, ot_err, image_ratio), whether every loss was finite, and per micro-batch
-        the synthetic tensors the machinery measures and draws (record, draw_panel), with the student's output for
-        the last one only.
+        The log values of the last micro-batch only (losses, mask_ratio, ot_err, image_ratio: each micro-batch
+        overwrites them), whether every micro-batch's losses were finite, and per micro-batch the synthetic tensors
+        the machinery measures and draws (record, draw_panel), with the student's output for the last one only.
     """
     args = run.args
     logs, finite, views = {}, True, []
@@ -572,7 +578,11 @@ def sense_step(run: "Run") -> tuple[dict, bool, list[dict]]:
         if run.use_synthetic:
             image_w, image_s, ignore_u, box, *truth = fetch(run, run.syn_iter)  # (B, 3, c, c) ×2, (B, c, c) bool ×2
             box = box & (not args.no_cutmix)  # --no-cutmix: no box; truth: [toy world's true layouts (B, c, c)] or []
-            # 2. the EMA teacher on the weak views, TTA on the first half of the batch
+            # 2. the EMA teacher on the weak views, TTA on the first half of the batch. With CutMix (stage 3) every
+            # image then mixes both kinds: image b's box holds the scores of image B−1−b from the other half (plain
+            # pass inside the box of a first-half image, TTA average inside the box of a second-half one), so OT and
+            # the γ gate see one pass or the average of the views depending on where the box fell; Mask2Former's
+            # image gate (query_conf, not mixed) is image b's own (docs/training.md, "TTA on half the batch and CutMix")
             with run.autocast():
                 scores_u, query_conf = teacher_predict(run.teacher, image_w, args.tta)  # (B, K, c, c) float32
             # 3. CutMix: the strong images and everything the teacher says about them, mixed by the same rule
@@ -613,8 +623,10 @@ def main(argv=None) -> None:
     the EMA teacher (9) here — and after each step the machinery: log, pictures, evaluation, checkpoints, stops."""
     run = prepare(parse_args(argv))  # flags, device, data, models, optimizer, resume, loaders: MACHINERY below
     args = run.args
-    progress = tqdm(range(run.start, run.total), initial=run.start, total=run.total, disable=not run.is_main,
-                    desc="train", leave=False)
+    # disable=None: the bar turns itself off when stderr is not a terminal, so a redirected log holds the log lines
+    # and no carriage-return updates; off on every rank but rank 0
+    progress = tqdm(range(run.start, run.total), initial=run.start, total=run.total, desc="train", leave=False,
+                    disable=None if run.is_main else True)
     for step in progress:
         run.step, run.rng_step = step, rng_states(run.device)  # a data fault saves the state this step started from
         run.student.train()
@@ -766,8 +778,8 @@ def prepare(args: argparse.Namespace) -> Run:
     steps_per_epoch = max(1, epoch_len // (B * world * args.grad_accum))
     total = args.iters or args.epochs * steps_per_epoch
     # Real datasets: the EMA teacher is evaluated after every epoch and the best kept (best.pt), as the reference
-    # code reports its numbers; the toy preset evaluates 6 times a run (TOY_SCHEDULE) to stay at minutes.
-    args.eval_every = args.eval_every or (steps_per_epoch if args.dataset not in data.TOY_WORLDS else max(1, total // 4))
+    # code reports its numbers; the toy preset has set eval_every already (TOY_SCHEDULE: 6 times a default run).
+    args.eval_every = args.eval_every or steps_per_epoch
     args.save_every = args.save_every or args.eval_every
     args.panel_every = args.eval_every if args.panel_every is None else args.panel_every
     out = Path(args.out)

@@ -4,7 +4,7 @@
 # the supervised baselines, then the paper's two uses of density and fidelity (its Section 3 protocol: a fixed teacher
 # labels each synthetic split, a student learns from that split alone; its quality ladder inside the SENSE loop).
 # Two single-thread runs at a time (one per core of a 2-core CPU). At the 1800-step default, by the single runs' times
-# (SENSE-like 6.4 min, supervised_B 2.8 min, supervised_B at 4x the steps ~11 min): 1, the methods, ~80 min; 2, the
+# (SENSE-like ~6 min, supervised_B ~3 min, supervised_B at 4x the steps ~11 min): 1, the methods, ~80 min; 2, the
 # schedule, ~30 min. 3, the protocol, and 4, the ladder, took ~30 and ~70 min at the previous 900-step default.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short

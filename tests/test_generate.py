@@ -1,4 +1,4 @@
-"""Tests of generate.py (README "Generating synthetic images"): prompt import and building, and the real `images` command run as a
+"""Tests of generate.py (docs/generate.md): prompt import and building, and the real `images` command run as a
 subprocess on a tiny Flux pipeline with random weights built here (CPU, no downloads, 64x64, 2 steps).
 
     pytest tests/test_generate.py

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_dinov2_s_dpt_has_24_80_m_parameters():
     net = build_model("dpt", "dinov2_s", 19, pretrained=False)
     total, backbone = count_parameters(net), count_parameters(net.backbone)
-    assert round(total / 1e6, 2) == 24.80  # README "Models": 22.06 M backbone + 2.74 M head
+    assert round(total / 1e6, 2) == 24.80  # docs/models.md: 22.06 M backbone + 2.74 M head
     assert round(backbone / 1e6, 2) == 22.06
     assert net.pretrained_file is None
 

@@ -875,16 +875,18 @@ def warnings_of(*argv: str) -> list[str]:
 def test_flags_without_effect_are_named_once():
     assert warnings_of() == [] and warnings_of("--arch", "mask2former", "--dataset", "ade20k", "--ade-reduced") == []
     assert warnings_of("--method", "supervised", "--ot-beta", "0.1", "--tta", "none") == [
-        "--tta has no effect with --method supervised trains on no synthetic image",
-        "--ot-beta has no effect with --method supervised trains on no synthetic image"]
+        "--tta has no effect: --method supervised trains on no synthetic image.",
+        "--ot-beta has no effect: --method supervised trains on no synthetic image."]
     assert warnings_of("--method", "pseudo", "--ot-iters", "5") == [
-        "--ot-iters has no effect with --method pseudo uses no OT"]
+        "--ot-iters has no effect: --method pseudo uses no OT."]
     assert warnings_of("--ot-marginal", "uniform", "--ot-min-prob", "0.1") == [
-        "--ot-min-prob has no effect with --ot-marginal uniform (it sets which classes are present)"]
+        "--ot-min-prob has no effect: it sets which classes are present, and --ot-marginal uniform does not read "
+        "them."]
     assert warnings_of("--arch", "mask2former", "--ohem", "on", "--ade-reduced") == [
-        "--ohem has no effect with --arch mask2former: L_x is the set loss",
-        "--ade-reduced has no effect with --dataset toy: only ADE20K masks have a zero label to reduce"]
-    assert warnings_of("--m2f-ignore-as-negative") == ["--m2f-ignore-as-negative has no effect with --arch dpt"]
+        "--ohem has no effect: with --arch mask2former L_x is the set loss.",
+        "--ade-reduced has no effect: only ADE20K masks have a zero label to reduce, and this is --dataset toy."]
+    assert warnings_of("--m2f-ignore-as-negative") == [
+        "--m2f-ignore-as-negative has no effect: --arch dpt has no mask loss."]
     assert warnings_of("--arch", "mask2former", "--method", "soft")[0].startswith(
         "--method soft with --arch mask2former trains as --method pseudo")
     # the Cityscapes OHEM preset is for DPT: the resolved config no longer says "on" where it is not used
