@@ -161,6 +161,7 @@ fi
 # 5. the synthetic-scale study: SENSE with 1x, 2x (the default, section 1), 4x and 6x as many synthetic images as
 # labelled ones (synthetic_x<n>.txt, the dense-fine pool's first n x 20); every run takes the same 1800 steps
 if [ "$SECTION" = all ] || [ "$SECTION" = scale ]; then
+for s in $SEEDS; do link $S/methods/sense_s$s $S/scale/sense_x2_s$s; done
 for s in $SEEDS; do
   for m in 1 6 4; do echo "$S/scale/sense_x${m}_s$s --synthetic data/toy/synthetic_x$m.txt --seed $s"; done
 done | run_all
