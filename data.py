@@ -154,9 +154,12 @@ TOY_LT_CLASSES = ("sky", "grass", "road", "sidewalk", "crate", "ball", "cone", "
 TOY_LT_PALETTE = ((70, 130, 180), (107, 142, 35), (128, 64, 128), (244, 35, 232), (160, 110, 50), (220, 20, 60),
                   (250, 170, 30), (0, 0, 142), (0, 80, 100), (153, 153, 153), (119, 11, 32), (220, 220, 0))
 TOY_LT_NUM_STUFF = 4
-# the chance that a drawn thing is of each thing class: crates ~14× as common as lamps (Cityscapes' car : motorcycle
-# pixel ratio is ~70, its person : rider ~9); with ~4.5 things per labelled image the 20 labelled images hold ~4 lamps
+# the chance that a drawn thing is of each thing class: crates ~11× as common as lamps (Cityscapes' car : motorcycle
+# pixel ratio is ~70, its person : rider ~9)
 TOY_LT_THING_P = (0.34, 0.2, 0.14, 0.1, 0.08, 0.06, 0.05, 0.03)
+# 60 labelled images (~270 things, ~8 lamps): with the balanced world's 20, a supervised teacher saw one lamp image
+# and never labelled a lamp right, where a Cityscapes teacher knows its rarest classes at moderate confidence
+TOY_LT_LABELLED = 60
 
 
 def _bit_palette(num_colours: int) -> tuple[tuple[int, int, int], ...]:
@@ -705,10 +708,11 @@ class ToyWorld:
     classes: tuple[str, ...]
     num_stuff: int  # classes[:num_stuff] are stuff, the rest things
     thing_p: tuple[float, ...] | None  # chance of each thing class per drawn thing; None = all alike
+    labelled: int  # images of the train split (the synthetic splits list 2× as many)
 
 
-TOY_WORLDS = {"toy": ToyWorld("toy", TOY_CLASSES, TOY_NUM_STUFF, None),
-              "toy_lt": ToyWorld("toy_lt", TOY_LT_CLASSES, TOY_LT_NUM_STUFF, TOY_LT_THING_P)}
+TOY_WORLDS = {"toy": ToyWorld("toy", TOY_CLASSES, TOY_NUM_STUFF, None, TOY_LABELLED),
+              "toy_lt": ToyWorld("toy_lt", TOY_LT_CLASSES, TOY_LT_NUM_STUFF, TOY_LT_THING_P, TOY_LT_LABELLED)}
 # The synthetic look: warmer, brighter in the mid-tones and cleaner than real images, a small domain gap (half the
 # first world's: (1.06, 1, 0.9), γ 0.9 and σ 1.5 made the supervised teacher call 18 % of synthetic road pixels ball)
 TOY_SHIFT_GAIN = (1.03, 1.0, 0.95)
@@ -994,7 +998,8 @@ def make_toy_world(root: str | Path, *, seed: int = TOY_SEED, counts: dict[str, 
         root as a Path.
     """
     root, world = Path(root), TOY_WORLDS[world]
-    counts = {split: (counts or {}).get(split, knobs.count) for split, knobs in TOY_SPLITS.items()}
+    counts = {split: (counts or {}).get(split, world.labelled if split == "train" else knobs.count)
+              for split, knobs in TOY_SPLITS.items()}
     splits = {}
     progress = tqdm(total=sum(counts.values()), desc=f"toy world -> {root}", leave=False, disable=None)
     for split_index, (split, knobs) in enumerate(TOY_SPLITS.items()):
