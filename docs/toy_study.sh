@@ -6,9 +6,11 @@
 # Two single-thread runs at a time (one per core of a 2-core CPU). At the 1800-step default, by the single runs' times
 # (SENSE-like ~6 min, supervised_B ~3 min, supervised_B at 4x the steps ~11 min): 1, the methods, ~80 min; 2, the
 # schedule, ~30 min. 3, the protocol, and 4, the ladder, took ~30 and ~70 min at the previous 900-step default.
+# 5, scale: 9 SENSE runs of ~7-13 min. 6, m2f: Mask2Former runs are ~3x DPT's (supervised ~9-15 min, SENSE and truth
+# ~21 min each), ~3 h for all 18 runs. 7, long_tail: supervised ~3 min, the others ~7-9 min, ~1 h for 15 runs.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
-#   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol or ladder
+#   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol, ladder, scale, m2f, long_tail
 #   bash docs/toy_study.sh summarize       # the tables of docs/toy_study.md: runs/study/*.md
 #   bash docs/toy_study.sh quick           # one seed of supervised_B, truth and sense, and their curves (~10 min)
 set -euo pipefail
