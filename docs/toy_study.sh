@@ -5,9 +5,10 @@
 # labels each synthetic split, a student learns from that split alone; its quality ladder inside the SENSE loop).
 # Two single-thread runs at a time (one per core of a 2-core CPU). At the 1800-step default, by the single runs' times
 # (SENSE-like ~6 min, supervised_B ~3 min, supervised_B at 4x the steps ~11 min): 1, the methods, ~80 min; 2, the
-# schedule, ~30 min. 3, the protocol, and 4, the ladder, took ~30 and ~70 min at the previous 900-step default.
-# 5, scale: 9 SENSE runs of ~7-13 min. 6, m2f: Mask2Former runs are ~3x DPT's (supervised ~9-15 min, SENSE and truth
-# ~21 min each), ~3 h for all 18 runs. 7, long_tail: supervised ~3 min, the others ~7-9 min, ~1 h for 15 runs.
+# schedule, ~30 min. 3, the protocol: labelling ~2.5 min, then 24 supervised runs of ~3 min, ~40 min. 4, the ladder:
+# 12 SENSE runs of ~6-8 min, ~40 min.
+# 5, scale: 9 SENSE runs of ~7-13 min. 6, m2f: Mask2Former runs are ~3x DPT's (supervised ~9-15 min, SENSE, truth
+# and pseudo ~19-21 min each), ~3 h for all 18 runs. 7, long_tail: supervised ~3 min, the others ~7-9 min, ~1 h for 15 runs.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
 #   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol, ladder, scale, m2f, long_tail
@@ -41,8 +42,6 @@ summarize() {
     --per-class --out $S/protocol.md
   python eval.py --summarize $S/methods/{supervised_B,sense}_s[0-9] \
     $S/ladder/sense_{sparse_coarse,sparse_fine,dense_coarse,dense_fine}_s[0-9] --per-class --out $S/ladder.md
-  python eval.py --summarize $S/schedule/{supervised_B_x2,sense_x2}_s[0-9] $S/ladder/sense_x2_{sparse_coarse,dense_fine}_s[0-9] \
-    --per-class --out $S/ladder_x2.md
   # 5. the synthetic-scale study (2x is the default synthetic set: the methods section's sense runs)
   python eval.py --summarize $S/methods/supervised_B_s[0-9] $S/scale/sense_x{1,2,4,6}_s[0-9] --per-class --out $S/scale.md
   # 6. Mask2Former, and the γ / image gate of its supervised teachers
@@ -152,12 +151,6 @@ python quality.py score --images data/toy/synthetic --teacher $S/methods/supervi
 python quality.py ladder --scores $S/ladder/scores.csv --out-dir $S/ladder/splits | tee $S/ladder/splits.md
 for s in $SEEDS; do
   for rung in $KINDS; do echo "$S/ladder/sense_${rung}_s$s --synthetic $S/ladder/splits/$rung.txt --seed $s"; done
-done | run_all
-# the ladder's two ends again at 2× the steps, where the loop's own teacher has become sure of every class (section 2)
-for s in $SEEDS; do
-  for rung in sparse_coarse dense_fine; do
-    echo "$S/ladder/sense_x2_${rung}_s$s --synthetic $S/ladder/splits/$rung.txt --iters $((2 * STEPS)) --seed $s"
-  done
 done | run_all
 fi
 # 5. the synthetic-scale study: SENSE with 1x, 2x (the default, section 1), 4x and 6x as many synthetic images as
