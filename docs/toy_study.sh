@@ -8,7 +8,8 @@
 # schedule, ~30 min. 3, the protocol: labelling ~2.5 min, then 24 supervised runs of ~3 min, ~40 min. 4, the ladder:
 # 12 SENSE runs of ~6-8 min, ~40 min.
 # 5, scale: 9 SENSE runs of ~7-13 min. 6, m2f: Mask2Former runs are ~3x DPT's (supervised ~9-15 min, SENSE, truth
-# and pseudo ~19-21 min each), ~3 h for all 18 runs. 7, long_tail: supervised ~3 min, the others ~7-9 min, ~1 h for 15 runs.
+# and pseudo ~19-21 min each, supervised at 2x the steps ~17 min), ~3 h for all 21 runs. 7, long_tail: supervised
+# ~3 min, the others ~7-9 min, ~1 h for 15 runs.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
 #   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol, ladder, scale, m2f, long_tail
@@ -47,7 +48,7 @@ summarize() {
   # 6. Mask2Former, and the γ / image gate of its supervised teachers
   python eval.py --summarize $S/m2f/{supervised_B,supervised_2B,truth,pseudo,sense}_s[0-9] --per-class \
     --keys image_ratio mask_ratio things_gated ot_changed acc_trained --out $S/m2f.md
-  python eval.py --summarize $S/m2f/{supervised_B_half,supervised_B}_s[0-9] --per-class --out $S/m2f_schedule.md
+  python eval.py --summarize $S/m2f/{supervised_B_half,supervised_B,supervised_B_x2}_s[0-9] --per-class --out $S/m2f_schedule.md
   teachers=($S/m2f/supervised_B_s[0-9]/last.pt)
   if [ ${#teachers[@]} -gt 0 ]; then
     python quality.py gate --teacher "${teachers[@]}" --images data/toy/synthetic.txt --device cpu | tee $S/gate_m2f.md
@@ -163,12 +164,13 @@ done | run_all
 fi
 
 # 6. Mask2Former (the toy head of models.py, 16 queries): the supervised baselines first (its teachers' γ and image
-# gates are its precondition P2) and the schedule criterion (supervised_B at ½× the steps), then the truth control
-# (P1), SENSE and the teacher's hard labels without OT
+# gates are its precondition P2) and the schedule criterion (supervised_B at ½× and 2× the steps), then the truth
+# control (P1), SENSE and the teacher's hard labels without OT
 if [ "$SECTION" = all ] || [ "$SECTION" = m2f ]; then
 for s in $SEEDS; do
   echo "$S/m2f/supervised_B_s$s --arch mask2former --method supervised --seed $s"
   echo "$S/m2f/supervised_B_half_s$s --arch mask2former --method supervised --iters $((STEPS / 2)) --seed $s"
+  echo "$S/m2f/supervised_B_x2_s$s --arch mask2former --method supervised --iters $((2 * STEPS)) --seed $s"
 done | run_all
 for s in $SEEDS; do
   echo "$S/m2f/sense_s$s --arch mask2former --seed $s"
