@@ -9,7 +9,7 @@
 # 12 SENSE runs of ~6-8 min, ~40 min.
 # 5, scale: 9 SENSE runs of ~7-13 min. 6, m2f: Mask2Former runs are ~3x DPT's (supervised ~9-15 min, SENSE, truth
 # and pseudo ~19-21 min each, supervised at 2x the steps ~17 min), ~3 h for all 21 runs. 7, long_tail: supervised
-# ~3 min, the others ~7-9 min, ~1 h for 15 runs.
+# ~3 min, the others ~7-9 min, ~1 h 10 min for 21 runs.
 #
 #   bash docs/toy_study.sh                 # runs/study/<study>/<group>_s<seed>/ ; rerun to finish what was cut short
 #   bash docs/toy_study.sh protocol        # one section only: methods, schedule, protocol, ladder, scale, m2f, long_tail
@@ -54,8 +54,8 @@ summarize() {
     python quality.py gate --teacher "${teachers[@]}" --images data/toy/synthetic.txt --device cpu | tee $S/gate_m2f.md
   fi
   # 7. OT on the long-tailed world, and the γ gate of its supervised teachers
-  python eval.py --summarize $S/long_tail/{supervised_B,pseudo,soft,sense,sense_image_uniform}_s[0-9] --per-class \
-    --out $S/long_tail.md
+  python eval.py --summarize $S/long_tail/{supervised_B,pseudo,soft,sense,sense_image_uniform,plan_gate,pseudo_all}_s[0-9] \
+    --per-class --out $S/long_tail.md
   teachers=($S/long_tail/supervised_B_s[0-9]/last.pt)
   if [ ${#teachers[@]} -gt 0 ]; then
     python quality.py gate --teacher "${teachers[@]}" --images data/toy_lt/synthetic.txt --device cpu \
@@ -182,8 +182,9 @@ fi
 
 # 7. OT where classes are unequal: the long-tailed world (12 classes, data.py toy --long-tail): the supervised
 # baseline (and teacher), SENSE as the reference code runs it (one problem over the batch, the present classes' uniform
-# marginal), SENSE as the paper's text says (one problem per image, uniform over all K), and the teacher's own labels
-# (hard, soft) without OT
+# marginal), SENSE as the paper's text says (one problem per image, uniform over all K), the teacher's own labels
+# (hard, soft) without OT; then SENSE with the γ gate on the plan (where OT's relabelling is trained on) and its control,
+# the teacher's argmax on every pixel
 if [ "$SECTION" = all ] || [ "$SECTION" = long_tail ]; then
 for s in $SEEDS; do
   echo "$S/long_tail/supervised_B_s$s --dataset toy_lt --method supervised --seed $s"
@@ -191,6 +192,8 @@ for s in $SEEDS; do
   echo "$S/long_tail/pseudo_s$s --dataset toy_lt --method pseudo --seed $s"
   echo "$S/long_tail/sense_image_uniform_s$s --dataset toy_lt --ot-scope image --ot-marginal uniform --seed $s"
   echo "$S/long_tail/soft_s$s --dataset toy_lt --method soft --seed $s"
+  echo "$S/long_tail/plan_gate_s$s --dataset toy_lt --ot-gate plan --seed $s"
+  echo "$S/long_tail/pseudo_all_s$s --dataset toy_lt --method pseudo --conf-thresh 0 --seed $s"
 done | run_all
 fi
 summarize
