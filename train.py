@@ -25,6 +25,7 @@ run with one line naming the file, after saving last.pt at the last finished ste
 Shapes: B images per stream, K classes, H×W crop (c×c), Q queries.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -1029,6 +1030,11 @@ def finish(run: Run) -> None:
         print(f"EMA teacher mIoU {run.result['miou']:.2f} after {run.total} steps (last.pt), best {run.best:.2f} at "
               f"step {run.best_step} (best.pt); run folder {run.out}")
     if run.distributed:
+        # every rank leaves together, and nothing holds the group when it goes (the DDP wrapper does), so that its
+        # threads end here rather than during the interpreter's exit
+        dist.barrier()
+        run.net = run.student
+        gc.collect()
         dist.destroy_process_group()
 
 
